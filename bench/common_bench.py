@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmarks: interleaved timing and the JSON result file."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so machine noise hits all sides alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def save(name: str, result: dict) -> Path:
+    """Write ``bench/results/<name>.json`` with the machine it ran on."""
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": name, "machine": {"cpu_threads": torch.get_num_threads(),
+                                            "cuda": torch.cuda.is_available(), "python": platform.python_version(),
+                                            "torch": torch.__version__}, **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path

@@ -1,0 +1,132 @@
+"""Profiles as data, and the one call every notebook starts with: ``setup(notebook, PROFILE, SEED)``.
+
+A profile (``smoke`` / ``small`` / ``paper``, DESIGN §2) is a table of frozen dataclasses, one per
+notebook. Nothing else in the library branches on the profile name: code reads fields of the config.
+``REPRO_PROFILE`` overrides the notebook's ``PROFILE`` literal (CI runs nbval on ``smoke`` that way).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO_ROOT
+
+PROFILE_NAMES = ("smoke", "small", "paper")
+
+#: Fixed prompt set for massive-weight detection (recorded in every manifest). "Summer is warm. Winter
+#: is cold." is SunMA's and HoC's probe sentence; the others vary the first word, which matters for
+#: models that add no BOS token (house_of_cards.md §1.3, DESIGN §4).
+DETECTION_PROMPTS = (
+    "Summer is warm. Winter is cold.",
+    "I went to the market yesterday and bought some bread.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The capital of France is Paris.",
+    "In 1969, humans walked on the Moon for the first time.",
+    "A dog is a loyal companion and a good friend.",
+    "Mathematics is the study of numbers, shapes and patterns.",
+    "Music has been part of human culture for thousands of years.",
+)
+
+
+@dataclass(frozen=True)
+class NotebookConfig:
+    """Fields every notebook config has; ``setup`` fills them in."""
+
+    notebook: str = ""
+    profile: str = ""
+    seed: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        """Where figures and the manifest go: committed ``figures/`` except for ``smoke``."""
+        root = REPO_ROOT / "build" / "figures" if self.profile == "smoke" else REPO_ROOT / "figures"
+        return root / self.profile / self.notebook
+
+
+@dataclass(frozen=True)
+class MassiveOriginConfig(NotebookConfig):
+    """Notebook 01 (HoC §2.2 / SunMA §2): models, detection prompts and corpus windows."""
+
+    models: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = DETECTION_PROMPTS
+    corpus: str = "wiki"
+    n_windows: int = 8
+    window_len: int = 256
+    top_k: int = 5
+    batch_size: int = 4
+
+
+PROFILES: dict[str, dict[str, NotebookConfig]] = {
+    "smoke": {
+        "01_massive_activation_origin": MassiveOriginConfig(
+            models=("tiny-llama", "tiny-gpt2"), corpus="synthetic", n_windows=4, window_len=64),
+    },
+    "small": {
+        "01_massive_activation_origin": MassiveOriginConfig(
+            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256),
+    },
+    "paper": {
+        # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; until the paper data ships (issue 9) the
+        # paper profile takes its windows from the held-out wiki split (said in the notebook).
+        "01_massive_activation_origin": MassiveOriginConfig(
+            models=("llama-2-7b", "llama-3-8b", "mistral-7b"), corpus="wiki", n_windows=10, window_len=4096,
+            batch_size=1),
+    },
+}
+
+
+def resolve_profile(profile: str) -> str:
+    """The ``REPRO_PROFILE`` environment variable wins over the notebook literal."""
+    profile = os.environ.get("REPRO_PROFILE") or profile
+    if profile not in PROFILE_NAMES:
+        raise ValueError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILE_NAMES)}")
+    return profile
+
+
+def load_config(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
+    """The frozen config of ``notebook`` under ``profile`` (after the env override)."""
+    profile = resolve_profile(profile)
+    table = PROFILES[profile]
+    if notebook not in table:
+        raise ValueError(f"notebook {notebook!r} has no config in profile {profile!r}; "
+                         f"known: {', '.join(sorted(table))}")
+    base = table[notebook]
+    values = {f.name: getattr(base, f.name) for f in fields(base)}
+    values.update(notebook=notebook, profile=profile, seed=seed)
+    return type(base)(**values)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA), unconditionally (anchors_style.md §3.3)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cache_dir() -> Path:
+    """Root of every content-addressed cache: ``$REPRO_CACHE`` or ``build/cache``."""
+    return Path(os.environ.get("REPRO_CACHE") or REPO_ROOT / "build" / "cache")
+
+
+def device() -> torch.device:
+    """``cuda`` when available, else ``cpu`` (DESIGN §6: resolved once, here)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
+    """Seed, load the profile, start this notebook's manifest and figure style; print a run header."""
+    from common import manifest, plotting
+
+    cfg = load_config(notebook, profile, seed)
+    seed_everything(seed)
+    manifest.start(cfg)
+    plotting.apply_style()
+    print(f"{notebook} | profile={cfg.profile} | seed={seed} | device={device()} | "
+          f"torch {torch.__version__} | output -> {cfg.out_dir.relative_to(REPO_ROOT)}")
+    return cfg

@@ -1,0 +1,48 @@
+"""Shared fixtures for the CPU unit tests: environment isolation and tiny in-process models.
+
+Nothing here touches the network, the real models or the wiki corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from tiny_families import build_tiny
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from common import manifest, models
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Every test: no profile/weights override, a private cache dir, offline hub, no active manifest."""
+    for var in ("REPRO_PROFILE", "REPRO_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(manifest, "_CURRENT", None)
+
+
+@pytest.fixture
+def make_tiny() -> Callable[..., PreTrainedModel]:
+    """Builder ``make_tiny(family, seed=0)`` of tiny random models of any supported family."""
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_llama() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A fresh ``tiny-llama`` (planted massive weight) and its byte tokenizer."""
+    return models.load_model("tiny-llama")
+
+
+@pytest.fixture
+def tiny_gpt2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A fresh ``tiny-gpt2`` (nothing planted) and its byte tokenizer."""
+    return models.load_model("tiny-gpt2")
+
+
+@pytest.fixture
+def byte_tok() -> PreTrainedTokenizerFast:
+    """The in-process byte-level tokenizer."""
+    return models.byte_tokenizer()

@@ -1,0 +1,58 @@
+"""Tiny random models of every buildable ``common.arch`` family (helpers shared by the unit tests)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+#: Families of ``common.arch.FAMILIES`` that can be built as a plain causal LM here.
+#: ("gemma3" is the multimodal Gemma3ForConditionalGeneration, whose layers sit under
+#: model.language_model: the table's "model"/"layers" paths do not reach them, so it is not built here.)
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "gemma", "gemma3_text", "gemma2", "phi3", "gpt2")
+
+HIDDEN, INTER, N_LAYERS, VOCAB = 32, 48, 2, 64
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """A 2-layer config of ``family`` with hidden 32 and intermediate 48 (GPT-2: 4*32 = 128)."""
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return LlamaConfig(**base)
+    if family == "mistral":
+        return MistralConfig(**base)
+    if family == "qwen2":
+        return Qwen2Config(**base)
+    if family == "gemma":
+        return GemmaConfig(**base, head_dim=16)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(**base, head_dim=16, sliding_window=8)
+    if family == "gemma2":
+        return Gemma2Config(**base, head_dim=16, sliding_window=8)
+    if family == "phi3":
+        return Phi3Config(**base)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=2, n_positions=64,
+                          bos_token_id=1, eos_token_id=2)
+    raise KeyError(family)
+
+
+def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
+    """A seeded random tiny model of ``family`` in eval mode (fp32, CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+    return model.eval()
