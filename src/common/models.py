@@ -274,7 +274,7 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         if not spec.config_file:
             raise ValueError(f"{spec.key} has no shipped config for REPRO_WEIGHTS=random; "
                              f"models with one: {', '.join(k for k, s in REGISTRY.items() if s.config_file)}")
-        config = AutoConfig.for_model(**json.loads((CONFIG_DIR / spec.config_file).read_text()))
+        config = random_config(spec, int(os.environ.get("REPRO_RANDOM_SHRINK", "1")))
         with torch.device(device()):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model, byte_tokenizer()
@@ -289,6 +289,17 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
             hint += " and HF_TOKEN set (the model is gated: accept its licence on the hub first)"
         raise FileNotFoundError(hint + "; or set REPRO_WEIGHTS=random for a dry run.") from err
     return model, tok
+
+
+def random_config(spec: ModelSpec, shrink: int = 1):
+    """The shipped config of a paper model, optionally shrunk for CPU tests: layers, width, FFN width and
+    head counts divided by ``shrink`` (head size kept), vocabulary unchanged. ``shrink=1`` is the paper shape."""
+    values = json.loads((CONFIG_DIR / spec.config_file).read_text())
+    if shrink > 1:
+        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads"):
+            values[name] = max(1, values[name] // shrink)
+    return AutoConfig.for_model(**values)
 
 
 def download_hub(spec: ModelSpec) -> None:

@@ -226,6 +226,27 @@ def test_origin_split_layer0_before_is_embedding(tiny_llama) -> None:
     assert split["attn"] == pytest.approx(float(stats.pos0["attn_out"][:, 0, dims].mean(0).sum()), abs=1e-7)
 
 
+def test_origin_split_reads_ffn_after_post_norm(make_tiny) -> None:
+    """Gemma-3: the FFN branch is read after the post-FFN norm (what is added to the residual), so with a
+    large post-norm gain it is the captured ``post_ffn``, not the raw ``mlp_out``; the split still closes
+    and the attention remainder equals the post-attention-norm of the attention output."""
+    model = make_tiny("gemma3_text")
+    layer, dims = 1, [2, 5]
+    with torch.no_grad():
+        arch.post_ffn_norm(model, layer).weight[dims] = 20.0
+    ids = [torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    stats = capture.capture(model, ids, points=capture.POINTS)
+    split = massive.origin_split(stats, layer, dims)
+    post = float(stats.pos0["post_ffn"][:, layer, dims].mean(0).sum())
+    raw = float(stats.pos0["mlp_out"][:, layer, dims].mean(0).sum())
+    assert split["ffn"] == pytest.approx(post, rel=1e-6)
+    assert abs(post - raw) > 1e-3 * abs(post)
+    assert split["before"] + split["attn"] + split["ffn"] == pytest.approx(split["after"], rel=1e-9)
+    with torch.no_grad():
+        normed = arch.layers(model)[layer].post_attention_layernorm(stats.pos0["attn_out"][:, layer])
+    assert split["attn"] == pytest.approx(float(normed[:, dims].mean(0).sum()), abs=1e-4)
+
+
 def test_post_norm_profile_tracks_gemma_gain(make_tiny) -> None:
     """Raising post_feedforward_layernorm.weight[dim] of one Gemma-3 layer to v makes the profile's gain there
     1 + v and multiplies the post-norm magnitude by 1 + v (raw FFN output unchanged); other dims stay put."""
