@@ -17,7 +17,7 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 
-.PHONY: help setup models reproduce test test-unit test-notebooks test-real lab bench report clean
+.PHONY: help setup models reproduce test lint test-unit test-notebooks test-real lab bench report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -46,7 +46,10 @@ reproduce: setup models  ## run every notebook headless (NB=01 for one) on PROFI
 
 test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests
 	$(PY) -m common.models prepare smollm2-135m
-	$(MAKE) --no-print-directory test-unit test-notebooks test-real
+	$(MAKE) --no-print-directory lint test-unit test-notebooks test-real
+
+lint:  ## ruff on the library, tests and benchmarks
+	$(VENV)/bin/ruff check src tests bench
 
 test-unit:
 	TQDM_DISABLE=1 $(PY) -m pytest tests -m "not real" -q -p no:cacheprovider

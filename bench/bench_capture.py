@@ -3,9 +3,9 @@ detection needs (every layer: hidden + intermediate) vs whole-tensor statistics 
 positions). SmolLM2-135M, 8x256 wiki tokens, measured side by side in one process."""
 
 import torch
+from common_bench import interleaved, save
 
 from common import arch, capture, data, models
-from common_bench import interleaved, save
 
 KEY = "smollm2-135m"
 

@@ -5,8 +5,9 @@ import os
 import tempfile
 import time
 
-from common import models
 from common_bench import save
+
+from common import models
 
 KEY = "smollm2-135m"
 

@@ -36,4 +36,20 @@ def save(name: str, result: dict) -> Path:
                                             "torch": torch.__version__}, **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
+    write_table()
     return path
+
+
+def write_table() -> None:
+    """Regenerate the table in bench/README.md from every results/*.json."""
+    rows = ["| benchmark | ratio | value | target | machine |", "|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("*.json")):
+        res = json.loads(path.read_text())
+        m = res["machine"]
+        where = f"{'GPU' if m['cuda'] else 'CPU'}, {m['cpu_threads']} threads, torch {m['torch']}"
+        for ratio, value in res["ratios"].items():
+            rows.append(f"| {res['benchmark']} ({res.get('model', '')}) | {ratio} | {value:.3f}x | "
+                        f"{res.get('target', '')} | {where} |")
+    readme = Path(__file__).parent / "README.md"
+    head = readme.read_text().split("<!-- table -->")[0] if readme.exists() else ""
+    readme.write_text(head + "<!-- table -->\n" + "\n".join(rows) + "\n")

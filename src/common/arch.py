@@ -42,7 +42,9 @@ FAMILIES: dict[str, Arch] = {
     "qwen2": _LLAMA,
     "gemma": _GEMMA,
     "gemma2": _GEMMA_POST,
-    "gemma3": _GEMMA_POST,
+    # multimodal Gemma-3 (Gemma3ForConditionalGeneration): the text decoder sits under language_model
+    "gemma3": Arch("model.language_model", "layers", "self_attn", "mlp", "up_proj", "gate_proj", "down_proj",
+                   post_ffn_norm="post_feedforward_layernorm", norm_offset=1.0),
     "gemma3_text": _GEMMA_POST,
     "phi3": Arch("model", "layers", "self_attn", "mlp", "", "", "down_proj", gate_up="gate_up_proj"),
     "gpt2": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj", conv1d=True),

@@ -50,7 +50,8 @@ class _Recorder:
 
     def observe(self, point: str, layer: int, x: torch.Tensor) -> None:
         x = x.detach()
-        self.data["pos0", point][layer].append(x[:, 0].float())
+        # a copy, never a view: a view would keep the whole activation tensor alive
+        self.data["pos0", point][layer].append(x[:, 0].to(torch.float32, copy=True))
         if self.whole:
             a = x.abs().flatten(1).float()
             top = a.topk(self.k, dim=1)

@@ -83,9 +83,11 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
 
 def resolve_profile(profile: str) -> str:
     """The ``REPRO_PROFILE`` environment variable wins over the notebook literal."""
-    profile = os.environ.get("REPRO_PROFILE") or profile
+    env = os.environ.get("REPRO_PROFILE")
+    profile = env or profile
     if profile not in PROFILE_NAMES:
-        raise ValueError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILE_NAMES)}")
+        source = " (from the REPRO_PROFILE environment variable)" if env else ""
+        raise ValueError(f"unknown profile {profile!r}{source}; known profiles: {', '.join(PROFILE_NAMES)}")
     return profile
 
 

@@ -28,6 +28,8 @@ def _plain(value: Any) -> Any:
         value = value.tolist()
     elif isinstance(value, np.ndarray | np.generic):
         value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -40,8 +42,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a manifest is for everyone to read
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
+            json.dump(data, f, indent=1, sort_keys=False, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -90,7 +93,7 @@ class Manifest:
 
     def save(self) -> None:
         write_json_atomic(self.path, {"notebook": self.notebook, "profile": self.profile, "run": self.run,
-                                      "records": self.records})
+                                      "figures": sorted(set(self.figures)), "records": self.records})
 
 
 _CURRENT: Manifest | None = None
@@ -119,6 +122,10 @@ def record(key: str, value: Any, paper: Any = None, paper_ref: str | None = None
     m = current()
     entry = {"key": key, "value": _plain(value), "paper_value": _plain(paper), "paper_ref": paper_ref,
              "tolerance": _plain(tolerance), "ci95": _plain(ci95), "note": note}
+    try:
+        json.dumps(entry, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"cannot record {key!r}: {err}; record numbers, strings or lists/dicts of them") from err
     m.records = [r for r in m.records if r["key"] != key] + [entry]
     m.save()
     return value

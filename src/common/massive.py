@@ -99,6 +99,8 @@ def find_massive(prompts: Stats, windows: Stats, k: int = 5) -> MassiveReport:
     ``prompts``: position-0 statistics of the detection prompts; ``windows``: whole-tensor statistics
     of corpus windows (for the all-token median of each layer).
     """
+    if "hidden" not in windows.median:
+        raise ValueError("window statistics need whole-tensor medians: capture them with whole=True")
     inter, hidden = prompts.pos0["inter"], prompts.pos0["hidden"]
     median_all = windows.median["hidden"].mean(0)  # [L], SunMA: mean over windows of the per-window median
     hidden_top, hidden_ratio_pos0 = layer_profile(hidden)
@@ -147,6 +149,9 @@ def post_norm_profile(model: torch.nn.Module, prompts: Stats, dim: int) -> dict[
     norm's gain there vs its median gain. Shows where a family with post-norms (Gemma) makes large
     values from a small FFN output (offline_resources.md §3)."""
     n = len(arch.layers(model))
+    if arch.post_ffn_norm(model, 0) is None:
+        raise ValueError(f"model_type {model.config.model_type!r} has no post-FFN norm; post_norm_profile "
+                         "applies to families with one (Gemma 2/3)")
     gains = [arch.norm_gain(model, arch.post_ffn_norm(model, i)) for i in range(n)]
     return {
         "raw_ffn": prompts.pos0["mlp_out"][:, :, dim].abs().mean(0).tolist(),

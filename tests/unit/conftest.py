@@ -17,7 +17,7 @@ from common import manifest, models
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Every test: no profile/weights override, a private cache dir, offline hub, no active manifest."""
-    for var in ("REPRO_PROFILE", "REPRO_WEIGHTS"):
+    for var in ("REPRO_PROFILE", "REPRO_WEIGHTS", "REPRO_RANDOM_SHRINK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -255,3 +255,25 @@ def test_unknown_model_type_lists_known_families() -> None:
         msg = str(err.value)
         assert all(name in msg for name in arch.FAMILIES)
     assert "'bert'" in str(pytest.raises(NotImplementedError, arch.arch_of, stranger).value)
+
+
+def test_multimodal_gemma3_reaches_the_text_decoder() -> None:
+    """Gemma3ForConditionalGeneration keeps its text layers under model.language_model."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    text = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
+                                                        mm_tokens_per_image=4))
+    assert len(arch.layers(model)) == 2
+    assert arch.intermediate_size(model) == 48
+    assert arch.post_ffn_norm(model, 1) is model.model.language_model.layers[1].post_feedforward_layernorm
+    out = arch.backbone(model)(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.last_hidden_state.shape == (1, 3, 32)

@@ -87,7 +87,7 @@ def test_capture_matches_brute_force(tiny_llama) -> None:
                 order = sorted(range(flat.numel()), key=lambda j: -float(flat[j]))
                 assert stats.top_index[point][s, i].tolist() == order[:K], (point, i, s)
                 assert stats.top[point][s, i].tolist() == [float(flat[j]) for j in order[:K]]
-                for v, j in zip(stats.top[point][s, i].tolist(), stats.top_index[point][s, i].tolist()):
+                for v, j in zip(stats.top[point][s, i].tolist(), stats.top_index[point][s, i].tolist(), strict=True):
                     t, d = divmod(j, width)
                     assert v == abs(float(x[s, t, d]))
                 ascending = sorted(flat.tolist())

@@ -359,3 +359,32 @@ def test_apply_style_and_names() -> None:
     assert plotting.display_name("unregistered") == "unregistered"
     assert set(plotting.MODEL_COLORS) == set(models.REGISTRY)
     assert plotting.MODEL_COLORS["tiny-llama"] != plotting.MODEL_COLORS["tiny-gpt2"]
+
+
+def test_record_converts_inside_dicts(tmp_path: Path) -> None:
+    """NaN and numpy scalars nested in a dict become plain JSON (NaN -> null)."""
+    manifest.start(_cfg(tmp_path))
+    manifest.record("m/d", {"a": float("nan"), "b": np.float32(1.5), "c": torch.tensor([1, 2])})
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())  # strict JSON: no bare NaN
+    assert data["records"][0]["value"] == {"a": None, "b": 1.5, "c": [1, 2]}
+
+
+def test_unserialisable_record_does_not_poison_the_manifest(tmp_path: Path) -> None:
+    """A bad value raises a clear TypeError and later records still work."""
+    manifest.start(_cfg(tmp_path))
+    with pytest.raises(TypeError, match="cannot record 'm/bad'"):
+        manifest.record("m/bad", object())
+    manifest.record("m/good", 1)
+    keys = [r["key"] for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["records"]]
+    assert keys == ["m/good"]
+
+
+def test_manifest_is_world_readable_and_lists_figures_once(tmp_path: Path) -> None:
+    manifest.start(_cfg(tmp_path))
+    fig = _figure()
+    plotting.save_figure(fig, "figY")
+    plotting.save_figure(fig, "figY")
+    manifest.record("m/x", 1)
+    path = tmp_path / "out" / "manifest.json"
+    assert path.stat().st_mode & 0o044 == 0o044
+    assert json.loads(path.read_text())["figures"] == ["figY.png"]

@@ -269,3 +269,18 @@ def test_post_norm_profile_tracks_gemma_gain(make_tiny) -> None:
     assert after_other["gain"][layer] == 1.0
     assert after_other["post_norm"][layer] == pytest.approx(before_other["post_norm"][layer], rel=1e-6)
     assert len(after["raw_ffn"]) == len(after["post_norm"]) == 2
+
+
+def test_post_norm_profile_refuses_families_without_post_norm(tiny_llama) -> None:
+    model, tok = tiny_llama
+    stats = capture.capture(model, [models.encode(tok, "tiny-llama", "Hi")], points=capture.POINTS)
+    with pytest.raises(ValueError, match="no post-FFN norm"):
+        massive.post_norm_profile(model, stats, 0)
+
+
+def test_find_massive_needs_whole_tensor_window_stats(tiny_llama) -> None:
+    model, tok = tiny_llama
+    ids = models.encode(tok, "tiny-llama", "Summer is warm.")
+    stats = capture.capture(model, [ids], points=capture.POINTS)
+    with pytest.raises(ValueError, match="whole=True"):
+        massive.find_massive(stats, stats)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GemmaConfig,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
