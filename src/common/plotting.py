@@ -42,6 +42,7 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
     fig.savefig(png, dpi=200, metadata={"Software": None})
     fig.savefig(out / f"{name}.pdf", metadata={"Creator": None, "Producer": None, "CreationDate": None})
     manifest.current().figures.append(png.name)
+    manifest.current().save()
     return png
 
 
