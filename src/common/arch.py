@@ -123,6 +123,7 @@ class RowBlock:
     weight: nn.Parameter
     dim: int
     offset: int
+    bias: nn.Parameter | None = None  # per-channel bias of this block, if the projection has one
 
     def index(self, channels: torch.Tensor) -> tuple:
         """Index tuple selecting ``channels`` in ``weight``."""
@@ -135,10 +136,12 @@ def ffn_input_blocks(model: nn.Module, i: int) -> list[RowBlock]:
     "massive weights" live here), fused gate_up as two blocks, or GPT-2's single ``c_fc``."""
     a, m = arch_of(model), mlp(model, i)
     if a.gate_up:
-        w = _get(m, a.gate_up).weight
-        n = w.shape[0] // 2
-        return [RowBlock("gate", w, 0, 0), RowBlock("up", w, 0, n)]
-    blocks = [RowBlock("up", _get(m, a.up).weight, 1 if a.conv1d else 0, 0)]
+        proj = _get(m, a.gate_up)
+        n = proj.weight.shape[0] // 2
+        return [RowBlock("gate", proj.weight, 0, 0, proj.bias), RowBlock("up", proj.weight, 0, n, proj.bias)]
+    up = _get(m, a.up)
+    blocks = [RowBlock("up", up.weight, 1 if a.conv1d else 0, 0, up.bias)]
     if a.gate:
-        blocks.append(RowBlock("gate", _get(m, a.gate).weight, 0, 0))
+        gate = _get(m, a.gate)
+        blocks.append(RowBlock("gate", gate.weight, 0, 0, gate.bias))
     return blocks

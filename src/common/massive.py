@@ -11,11 +11,13 @@ vectors) and corpus windows with ``whole=True`` (per-window medians over all tok
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from common import arch, data, models
+from common import arch, models
 from common.capture import POINTS, Stats, capture
 from common.manifest import record, record_model
 
@@ -186,14 +188,12 @@ class Measurement:
     prompt_spread: float  # max over prompts of |pos0 inter - prompt 0's| / max |pos0 inter|
 
 
-def measure(key: str, prompts: tuple[str, ...], corpus: str, n_windows: int, window_len: int, k: int = 5,
+def measure(model: torch.nn.Module, tok, key: str, prompts: tuple[str, ...], windows: torch.Tensor, k: int = 5,
             batch_size: int = 4) -> Measurement:
-    """Load ``key``, capture position-0 statistics on the detection prompts (one by one) and whole-tensor
-    statistics on corpus windows, detect (``find_massive``) and gather the origin evidence (HoC §2.2)."""
-    model, tok = models.load_model(key)
+    """Capture position-0 statistics on the detection prompts (one by one) and whole-tensor statistics on
+    the ``[N, T]`` corpus ``windows``, detect (``find_massive``) and gather the origin evidence (HoC §2.2)."""
     ids = [models.encode(tok, key, p) for p in prompts]
     pstats = capture(model, ids, points=POINTS)
-    windows = data.token_windows(tok, key, corpus, n_windows, window_len)
     wstats = capture(model, windows.split(batch_size), points=("hidden", "inter"), whole=True)
     report = find_massive(pstats, wstats, k)
     # Causality (HoC §2.3): position 0 sees only itself, so feeding the first token alone changes nothing.
@@ -207,9 +207,7 @@ def measure(key: str, prompts: tuple[str, ...], corpus: str, n_windows: int, win
     post = None
     if arch.post_ffn_norm(model, 0) is not None:
         post = post_norm_profile(model, pstats, largest_hidden_dim(pstats))
-    n_layers = len(arch.layers(model))
-    del model
-    return Measurement(key, n_layers, pstats, wstats, report, contributions, post,
+    return Measurement(key, len(arch.layers(model)), pstats, wstats, report, contributions, post,
                        alone_vs_prompt=float((alone - inter).abs().max() / scale),
                        prompt_spread=float((inter - inter[:1]).abs().max() / scale))
 
@@ -271,3 +269,138 @@ def record_paper_references(run_keys: tuple[str, ...]) -> None:
             name = "massive_layer" if quantity == "layer" else f"massive_{quantity}"
             record(f"{key}/{name}", None, paper=paper[quantity], paper_ref=PAPER_REF,
                    note="paper model, not run in this profile")
+
+
+# ------------------------------------------------------------------------------------------ attacks
+# Weight edits are context managers that save only the slices they touch and restore them bit-exactly
+# on exit, also on an exception (DESIGN §6).
+
+
+@contextmanager
+def _patched(slices: list[tuple[torch.Tensor, tuple]], value: float = 0.0) -> Iterator[None]:
+    """Set ``tensor[index] = value`` for every (tensor, index); restore the saved slices on exit."""
+    saved = [(t, idx, t[idx].detach().clone()) for t, idx in slices]
+    try:
+        with torch.no_grad():
+            for t, idx, _ in saved:
+                t[idx] = value
+        yield
+    finally:
+        with torch.no_grad():
+            for t, idx, old in reversed(saved):
+                t[idx] = old
+
+
+def check_k(k: int, width: int) -> None:
+    """ValueError naming the limit unless 0 < k <= width."""
+    if not 0 < k <= width:
+        raise ValueError(f"k={k} is out of range: it must be between 1 and the intermediate size {width}")
+
+
+def _channel_slices(model: torch.nn.Module, layer: int, channels: torch.Tensor) -> list[tuple[torch.Tensor, tuple]]:
+    slices = []
+    for block in arch.ffn_input_blocks(model, layer):
+        slices.append((block.weight, block.index(channels)))
+        if block.bias is not None:  # a biased projection (GPT-2 c_fc): zero the channel's bias as well
+            slices.append((block.bias, (channels + block.offset,)))
+    return slices
+
+
+@contextmanager
+def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]]) -> Iterator[None]:
+    """Zero the up/gate rows (fused gate_up halves; GPT-2 c_fc columns and bias) of the given intermediate
+    channels in each layer, so those channels are exactly 0 (HoC §2.3: SiLU(0) = GELU(0) = 0; equivalent to
+    zeroing the matching down_proj columns)."""
+    slices = []
+    for layer, channels in channels_by_layer.items():
+        width = arch.intermediate_size(model, layer)
+        idx = torch.as_tensor(list(channels), dtype=torch.long)
+        if len(idx) and (idx.min() < 0 or idx.max() >= width):
+            raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
+        slices += _channel_slices(model, layer, idx)
+    with _patched(slices):
+        yield
+
+
+def require_layer(report: MassiveReport) -> int:
+    """The massive layer, or a ValueError: attacks never fall back to an arbitrary layer."""
+    if not report.found:
+        raise ValueError("this model has no detectable massive layer (no layer meets Sun's criterion), so "
+                         "there are no massive weights to attack")
+    return report.layer
+
+
+def zero_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int):
+    """HoC top-k *zeroing*: zero the k massive rows of up/gate at ``layer`` (``ranked``: channels by rank)."""
+    check_k(k, arch.intermediate_size(model, layer))
+    if k > len(ranked):
+        raise ValueError(f"k={k} exceeds the {len(ranked)} ranked channels; detect with a larger k")
+    return zero_channels(model, {layer: ranked[:k]})
+
+
+def keep_only_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int):
+    """HoC top-k *retaining*: zero every other row of up/gate at ``layer`` ((I - k) rows)."""
+    width = arch.intermediate_size(model, layer)
+    check_k(k, width)
+    keep = set(ranked[:k])
+    return zero_channels(model, {layer: [c for c in range(width) if c not in keep]})
+
+
+def random_channels(width: int, k: int, seed: int, exclude: list[int] = ()) -> list[int]:
+    """k distinct random channels of ``[0, width)`` outside ``exclude`` (seeded; the control of HoC §2.3)."""
+    check_k(k, width - len(set(exclude)))
+    pool = torch.tensor([c for c in range(width) if c not in set(exclude)])
+    gen = torch.Generator().manual_seed(seed)
+    return pool[torch.randperm(len(pool), generator=gen)[:k]].sort().values.tolist()
+
+
+def zero_random(model: torch.nn.Module, layer: int, k: int, seed: int, exclude: list[int] = ()):
+    """Random control: zero k random (non-massive) rows of the same layer."""
+    return zero_channels(model, {layer: random_channels(arch.intermediate_size(model, layer), k, seed, exclude)})
+
+
+def super_weight(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> dict[str, float]:
+    """Yu et al.'s super weight W_down[hidden_dim, channel] and its ratio to the median |w| of that matrix."""
+    down = arch.down_matrix(model, layer).detach()
+    value = float(down[hidden_dim, channel])
+    return {"value": value, "ratio_to_median": abs(value) / float(down.abs().median())}
+
+
+@contextmanager
+def zero_super_weight(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> Iterator[None]:
+    """Zero the single down_proj entry W_down[hidden_dim, channel] (Yu et al., arXiv 2411.07191)."""
+    w = arch.down_proj(model, layer).weight
+    idx = (channel, hidden_dim) if arch.arch_of(model).conv1d else (hidden_dim, channel)
+    with _patched([(w, idx)]):
+        yield
+
+
+@contextmanager
+def set_hidden(model: torch.nn.Module, layer: int, dims: list[int], values: torch.Tensor,
+               position: int = 0) -> Iterator[None]:
+    """SunMA §3 intervention: overwrite the hidden state after ``layer`` at ``position`` in ``dims`` with
+    ``values`` (zeros, or the mean over sequences). A forward hook, removed on exit."""
+    idx = torch.as_tensor(dims)
+
+    def hook(_module, _args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h[:, position, idx.to(h.device)] = values.to(h.device, h.dtype)
+        return out
+
+    handle = arch.layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def set_norm_gain(model: torch.nn.Module, layers: list[int], dim: int, gain: float = 0.0) -> Iterator[None]:
+    """Set the post-FFN norm's effective gain at ``dim`` in ``layers`` (Gemma: weight = gain - 1), e.g. 0 to
+    silence what the norm writes there (offline_resources.md §3, the Gemma mechanism)."""
+    offset = arch.arch_of(model).norm_offset
+    norms = [arch.post_ffn_norm(model, i) for i in layers]
+    if any(n is None for n in norms):
+        raise ValueError(f"model_type {model.config.model_type!r} has no post-FFN norm")
+    with _patched([(n.weight, (dim,)) for n in norms], value=gain - offset):
+        yield

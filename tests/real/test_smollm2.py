@@ -17,7 +17,9 @@ KEY = "smollm2-135m"
 
 @pytest.fixture(scope="module")
 def measurement() -> massive.Measurement:
-    return massive.measure(KEY, config.DETECTION_PROMPTS, "wiki", n_windows=4, window_len=128)
+    model, tok = models.load_model(KEY)
+    windows = data.token_windows(tok, KEY, "wiki", n_windows=4, window_len=128)
+    return massive.measure(model, tok, KEY, config.DETECTION_PROMPTS, windows)
 
 
 def test_detection_finds_the_known_layer_dim_and_channels(measurement):

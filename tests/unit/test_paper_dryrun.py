@@ -3,7 +3,7 @@
 
 import pytest
 
-from common import arch, config, massive, models
+from common import arch, config, data, massive, models
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_shrunk_config_keeps_head_size():
 def test_random_llama3_runs_notebook01_measurement_offline(random_weights):
     model, tok = models.load_model("llama-3-8b")
     assert len(arch.layers(model)) == 2 and arch.intermediate_size(model) == 14336 // 16
-    del model
-    m = massive.measure("llama-3-8b", config.DETECTION_PROMPTS[:2], "synthetic", n_windows=2, window_len=64)
+    windows = data.token_windows(tok, "llama-3-8b", "synthetic", n_windows=2, window_len=64)
+    m = massive.measure(model, tok, "llama-3-8b", config.DETECTION_PROMPTS[:2], windows)
     assert m.report.layer is None  # random weights have no massive layer, and detection says so
     assert m.n_layers == 2

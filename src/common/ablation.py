@@ -1,0 +1,247 @@
+"""Massive-weight ablation experiments (HoC Table 1, Fig. 4; SunMA Table 3; Yu et al. super weight).
+
+An ``Attack`` is plain data (kind + JSON-able parameters); ``Attack.context(model)`` turns it into one of
+the weight-edit context managers of ``common.massive``. ``evaluate`` runs perplexity and, optionally, the
+zero-shot suite under an attack, cached by (weights, attack, data, tasks), so a re-run or an interrupted
+k-sweep resumes where it stopped and only the attacked rows change between points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from common import arch, evaluation, massive, models
+from common.cache import cached, tensor_digest
+from common.manifest import record
+
+KINDS = ("base", "channels", "super", "hidden", "norm_gain")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One model edit. ``kind``: ``base`` (none), ``channels`` (zero intermediate channels per layer),
+    ``super`` (zero one down_proj entry), ``hidden`` (overwrite hidden values, SunMA), ``norm_gain``."""
+
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict)
+
+    def context(self, model: torch.nn.Module):
+        """The context manager that applies this attack to ``model`` and restores it on exit."""
+        p = self.params
+        if self.kind == "base":
+            return contextlib.nullcontext()
+        if self.kind == "channels":
+            return massive.zero_channels(model, {int(layer): ch for layer, ch in p["channels"].items()})
+        if self.kind == "super":
+            return massive.zero_super_weight(model, p["layer"], p["hidden_dim"], p["channel"])
+        if self.kind == "hidden":
+            return massive.set_hidden(model, p["layer"], p["dims"], torch.tensor(p["values"]))
+        if self.kind == "norm_gain":
+            return massive.set_norm_gain(model, p["layers"], p["dim"], p["gain"])
+        raise ValueError(f"unknown attack kind {self.kind!r}; known: {', '.join(KINDS)}")
+
+
+BASE = Attack("base", "base")
+
+
+def zero_top(layer: int, ranked: list[int], k: int) -> Attack:
+    """HoC top-k zeroing (k = 0 is the unattacked model)."""
+    if k == 0:
+        return Attack("zero_top0", "base")
+    return Attack(f"zero_top{k}", "channels", {"channels": {layer: ranked[:k]}})
+
+
+def keep_top(layer: int, ranked: list[int], k: int, width: int) -> Attack:
+    """HoC top-k retaining: every other up/gate row of the layer zeroed (k = 0 removes the layer's FFN)."""
+    keep = set(ranked[:k])
+    return Attack(f"keep_top{k}", "channels", {"channels": {layer: [c for c in range(width) if c not in keep]}})
+
+
+def random_k(layer: int, k: int, seed: int, width: int, exclude: list[int]) -> Attack:
+    """Control: k random non-massive rows of the same layer (k = 0 is the unattacked model)."""
+    if k == 0:
+        return Attack(f"random_top0_s{seed}", "base")
+    return Attack(f"random_top{k}_s{seed}", "channels",
+                  {"channels": {layer: massive.random_channels(width, k, seed, exclude)}})
+
+
+def table1(layer: int, ranked: list[int], k: int, width: int, seeds: tuple[int, ...]) -> list[Attack]:
+    """HoC Table 1 rows: base, zero top-k, keep-only top-k, and the random control for each seed."""
+    massive.check_k(k, width)
+    return [BASE, zero_top(layer, ranked, k), keep_top(layer, ranked, k, width),
+            *[random_k(layer, k, s, width, ranked[:k]) for s in seeds]]
+
+
+def writer_layers(prompts, dim: int, min_abs: float = massive.MIN_ABS) -> list[int]:
+    """Layers whose FFN branch writes at least ``min_abs`` into hidden ``dim`` at position 0 (mean over
+    prompts): the layers that build a massive dim (SmolLM2: 1, 2 and 11 for dim 507)."""
+    point = "post_ffn" if "post_ffn" in prompts.pos0 else "mlp_out"
+    writes = prompts.pos0[point][:, :, dim].mean(0).abs()
+    return (writes >= min_abs).nonzero().flatten().tolist()
+
+
+def joint_top(prompts, layers: list[int], k: int) -> Attack:
+    """Zero the top-k position-0 channels of every layer in ``layers`` at once."""
+    chans = {i: massive.top_channels(prompts.pos0["inter"], i, k)[0] for i in layers}
+    return Attack(f"joint_top{k}_L{'-'.join(map(str, layers))}", "channels", {"channels": chans})
+
+
+def hidden_intervention(layer: int, dims: list[int], values: list[float], name: str) -> Attack:
+    """SunMA Table 3: set the massive hidden values after ``layer`` at position 0 to ``values``."""
+    return Attack(name, "hidden", {"layer": layer, "dims": dims, "values": values})
+
+
+def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: torch.Tensor,
+             tasks: tuple[str, ...] = (), n_items: int = 0, batch_size: int = 4, seed: int = 0) -> dict:
+    """Perplexity on ``windows`` (and the zero-shot ``tasks`` with ``n_items`` each) under ``attack``, cached.
+
+    Returns ``{"ppl": float, "tasks": {task: {...}} | None, "avg": {...} | None}``.
+    """
+    cache_key = {"weights": models.weights_id(key), "attack": attack.kind, "params": attack.params,
+                 "windows": tensor_digest(windows), "tasks": list(tasks), "n_items": n_items,
+                 "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype)}
+
+    def compute() -> dict:
+        with attack.context(model):
+            out = {"ppl": evaluation.perplexity(model, windows, batch_size), "tasks": None, "avg": None}
+            if tasks:
+                per_task = evaluation.zero_shot(model, tok, list(tasks), n_items, seed=seed, batch_size=batch_size,
+                                                prepend_bos=models.get_spec(key).prepend_bos)
+                out["tasks"] = per_task
+                out["avg"] = evaluation.average_accuracy(per_task)
+        return out
+
+    return cached("ablation", cache_key, compute)
+
+
+# Paper reference values, HoC Table 1 (Llama-3-8B, k = 5): perplexity on WikiText-2 / C4 / PG-19 (their
+# average) and the five-task zero-shot average accuracy (%).
+PAPER_TABLE1 = {
+    "ppl/base": 8.22, "ppl/zero_top5": 122.74, "ppl/keep_top5": 20.95,
+    "acc/base": 73.0, "acc/zero_top5": 39.4, "acc/keep_top5": 71.0,
+}
+PAPER_TABLE1_REF = "HoC Table 1, Llama-3-8B (avg of WikiText-2/C4/PG-19 ppl; 5-task acc %)"
+
+
+def table1_rows(model: torch.nn.Module, tok, key: str, report: massive.MassiveReport, ranked: list[int],
+                windows: torch.Tensor, k: int, seeds: tuple[int, ...], tasks: tuple[str, ...], n_items: int,
+                batch_size: int) -> dict[str, dict]:
+    """Evaluate HoC Table 1's rows for one model. Without a massive layer only ``base`` is evaluated."""
+    attacks = [BASE]
+    if report.found:
+        width = arch.intermediate_size(model, report.layer)
+        attacks = table1(report.layer, ranked, k, width, seeds)
+    rows = {}
+    for attack in attacks:
+        with_tasks = attack.name in ("base", f"zero_top{k}", f"keep_top{k}") or attack.name.endswith("_s0")
+        rows[attack.name] = evaluate(model, tok, key, attack, windows, tasks if with_tasks else (), n_items,
+                                     batch_size)
+    return rows
+
+
+def _row_values(rows: dict[str, dict], row: str, k: int) -> tuple[float, dict | None, str | None]:
+    """(perplexity, accuracy summary, note) of a Table 1 row; the random row averages its seeds."""
+    if row != f"random_top{k}":
+        return rows[row]["ppl"], rows[row]["avg"], None
+    seeds = sorted(n for n in rows if n.startswith(f"random_top{k}_s"))
+    ppls = [rows[n]["ppl"] for n in seeds]
+    note = f"mean over {len(seeds)} seeds (ppl {min(ppls):.3f}-{max(ppls):.3f}); accuracy: seed {seeds[0][-1]}"
+    return sum(ppls) / len(ppls), rows[seeds[0]]["avg"], note
+
+
+def table1_frame(rows: dict[str, dict[str, dict]], k: int) -> pd.DataFrame:
+    """HoC Table 1 as a frame indexed (model, attack): ppl, ratio to base, accuracy with its 95% interval."""
+    recs = []
+    for key, r in rows.items():
+        for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
+            if row not in r and not any(n.startswith(f"{row}_s") for n in r):
+                continue
+            ppl, avg, _ = _row_values(r, row, k)
+            recs.append({"model": key, "attack": row, "ppl": ppl, "ppl_ratio": ppl / r["base"]["ppl"],
+                         "acc": avg["acc"] if avg else None, "acc_lo": avg["ci95"][0] if avg else None,
+                         "acc_hi": avg["ci95"][1] if avg else None,
+                         "chance": chance_average(r["base"]["tasks"]) if r["base"]["tasks"] else None})
+    return pd.DataFrame(recs).set_index(["model", "attack"])
+
+
+def chance_average(per_task: dict[str, dict]) -> float:
+    """Mean chance level of the tasks (what a random guesser scores on the average)."""
+    return sum(t["chance"] for t in per_task.values()) / len(per_task)
+
+
+def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = None) -> None:
+    """Record ``M/ppl/{base,zero_topk,keep_topk,random_topk}`` and the same under ``M/acc/`` (DESIGN §9), with
+    HoC's Llama-3-8B values beside them. Accuracy is a fraction with its 95% bootstrap interval."""
+    for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
+        paper_ppl, paper_acc = PAPER_TABLE1.get(f"ppl/{row}"), PAPER_TABLE1.get(f"acc/{row}")
+        if row != "base" and reason:
+            record(f"{key}/ppl/{row}", None, paper=paper_ppl, paper_ref=PAPER_TABLE1_REF, note=reason)
+            record(f"{key}/acc/{row}", None, paper=paper_acc, paper_ref=PAPER_TABLE1_REF, note=reason)
+            continue
+        ppl, avg, note = _row_values(rows, row, k)
+        record(f"{key}/ppl/{row}", ppl, paper=paper_ppl, paper_ref=PAPER_TABLE1_REF, note=note)
+        record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], note="perplexity / intact perplexity")
+        record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=PAPER_TABLE1_REF,
+               ci95=avg["ci95"] if avg else None,
+               note="unweighted mean over the zero-shot tasks (fraction; paper: %), 95% bootstrap interval")
+    if rows["base"]["tasks"]:
+        record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
+
+
+def sweep_frame(results: dict[str, dict], ks: tuple[int, ...]) -> pd.DataFrame:
+    """HoC Fig. 4 data: index (attack kind, k), columns ppl and accuracy with its interval."""
+    recs = []
+    for kind, prefix in (("zero", "zero_top"), ("keep", "keep_top"), ("random", "random_top")):
+        for k in ks:
+            name = next(n for n in results if n == f"{prefix}{k}" or n.startswith(f"{prefix}{k}_s"))
+            res = results[name]
+            avg = res["avg"]
+            recs.append({"kind": kind, "k": k, "ppl": res["ppl"], "acc": avg["acc"] if avg else None,
+                         "acc_lo": avg["ci95"][0] if avg else None, "acc_hi": avg["ci95"][1] if avg else None})
+    return pd.DataFrame(recs).set_index(["kind", "k"])
+
+
+def circuit_frame(rows: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """The circuit attacks (everything beyond Table 1) per model: perplexity and ratio to the intact model."""
+    table1_prefixes = ("base", "zero_top", "keep_top", "random_top")
+    recs = [{"model": key, "attack": name, "ppl": res["ppl"], "ppl_ratio": res["ppl"] / r["base"]["ppl"]}
+            for key, r in rows.items() for name, res in r.items() if not name.startswith(table1_prefixes)]
+    return pd.DataFrame(recs, columns=["model", "attack", "ppl", "ppl_ratio"]).set_index(["model", "attack"])
+
+
+NO_LAYER = "no detectable massive layer: the attacks refuse rather than zero an arbitrary layer"
+
+
+def circuit_attacks(model: torch.nn.Module, m: massive.Measurement, ranked: list[int], joint_k: int = 2) -> list[Attack]:
+    """The other ends of the circuit, for one model with a massive layer: the joint top-k of every layer
+    that writes the massive dim, SunMA's hidden-state zero / mean intervention, Yu et al.'s super weight,
+    and (families with a post-FFN norm) silencing the norm gain at the largest dim vs a random dim."""
+    r = m.report
+    dims = r.hidden_dims
+    mean = m.windows.pos0["hidden"][:, r.layer, dims].mean(0).tolist()
+    attacks = [hidden_intervention(r.layer, dims, [0.0] * len(dims), "sun_zero"),
+               hidden_intervention(r.layer, dims, mean, "sun_mean"),
+               Attack("super_weight", "super", {"layer": r.layer, "hidden_dim": dims[0], "channel": ranked[0]})]
+    writers = writer_layers(m.prompts, dims[0])
+    if len(writers) > 1:
+        attacks.append(joint_top(m.prompts, writers, joint_k))
+    if m.post_norm is not None:
+        dim = massive.largest_hidden_dim(m.prompts)
+        gain, median = torch.tensor(m.post_norm["gain"]).abs(), torch.tensor(m.post_norm["median_gain"])
+        layers = (gain >= 10 * median).nonzero().flatten().tolist()
+        width = len(m.prompts.pos0["hidden"][0, 0])
+        control = massive.random_channels(width, 1, seed=0, exclude=[dim])[0]
+        attacks += [Attack("norm_gain_zero", "norm_gain", {"layers": layers, "dim": dim, "gain": 0.0}),
+                    Attack("norm_gain_zero_random_dim", "norm_gain", {"layers": layers, "dim": control, "gain": 0.0})]
+    return attacks
+
+
+def k_sweep(layer: int, ranked: list[int], ks: tuple[int, ...], width: int, seed: int = 0) -> list[Attack]:
+    """HoC Fig. 4: zero / keep-only / random for every k (k = 0: base for zero and random, no FFN for keep)."""
+    return [a for k in ks for a in (zero_top(layer, ranked, k), keep_top(layer, ranked, k, width),
+                                    random_k(layer, k, seed, width, ranked[:max(ks)]))]
