@@ -75,9 +75,10 @@ class AblationConfig(NotebookConfig):
     k: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     tasks: tuple[str, ...] = ()
-    n_items: int = 50
+    n_items: int | None = 50  # None: every item (paper tasks)
     sweep_model: str = ""
     k_grid: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100)
+    sweep_tasks: tuple[str, ...] = ()
     sweep_n_items: int = 25
 
 
@@ -87,15 +88,16 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             models=("tiny-llama", "tiny-gpt2"), corpus="synthetic", n_windows=4, window_len=64),
         "02_massive_weight_ablation": AblationConfig(
             models=("tiny-llama", "tiny-gpt2"), corpus="synthetic", n_windows=4, window_len=64,
-            tasks=("commonsense",), n_items=8, sweep_model="tiny-llama", k_grid=(0, 1, 2, 5, 10), sweep_n_items=8),
+            tasks=("commonsense",), n_items=8, sweep_model="tiny-llama", k_grid=(0, 1, 2, 5, 10),
+            sweep_tasks=("commonsense",), sweep_n_items=8),
     },
     "small": {
         "01_massive_activation_origin": MassiveOriginConfig(
             models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256),
         "02_massive_weight_ablation": AblationConfig(
             models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256,
-            tasks=("wiki_mc", "wiki_yesno", "wiki_topic", "wiki_cloze", "commonsense"), n_items=50,
-            sweep_model="smollm2-135m", sweep_n_items=25),
+            tasks=("wiki_mc", "wiki_yesno", "wiki_topic", "wiki_cloze", "commonsense"), n_items=20,
+            sweep_model="smollm2-135m", sweep_tasks=("wiki_mc", "commonsense"), sweep_n_items=20),
     },
     "paper": {
         # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; until the paper data ships (issue 9) the
@@ -107,8 +109,8 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
         # (issue 9) perplexity runs on held-out wiki windows. The zero-shot tasks are the paper's five.
         "02_massive_weight_ablation": AblationConfig(
             models=("llama-3-8b", "llama-2-7b", "mistral-7b"), corpus="wiki", n_windows=10, window_len=4096,
-            batch_size=1, tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=0,
-            sweep_model="llama-3-8b", sweep_n_items=200),
+            batch_size=1, tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None,
+            sweep_model="llama-3-8b", sweep_tasks=("arc_easy", "boolq"), sweep_n_items=200),
     },
 }
 

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity over fixed token windows (SunMA / HoC protocol, house_of_cards.md §1.2).
+"""Evaluation: perplexity over fixed token windows (SunMA / HoC protocol, house_of_cards.md §1.2), and
+zero-shot accuracy with lm-eval (HoC §2.3) with bootstrap intervals.
 
 Perplexity = exp(total next-token NLL / number of predicted tokens) over all windows; each window is
 scored independently (no carried context), and the first token of a window is never predicted.
@@ -6,8 +7,14 @@ scored independently (no carried context), and the first token of a window is ne
 
 from __future__ import annotations
 
+import logging
 import math
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,3 +32,166 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
+
+
+# ------------------------------------------------------------------------------------- zero-shot
+# HoC §2.3 reports zero-shot accuracy with lm-eval (acc_norm for ARC-E/ARC-C/PIQA, acc for BoolQ and
+# WinoGrande). ``zero_shot`` runs lm-eval on the in-memory model: the local tasks of ``common.tasks``
+# (small profile, offline) or lm-eval's own hub tasks (paper profile). Nothing is recorded here.
+
+#: Known-harmless lm-eval warnings when an in-memory model is evaluated (silenced during the call).
+_LM_EVAL_NOISE = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Overwriting default num_fewshot",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.getMessage().startswith(m) for m in _LM_EVAL_NOISE)
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """For the call: lm-eval loggers at WARNING without the known-harmless warnings, no datasets
+    progress bars; and python/numpy/torch RNG states restored afterwards (simple_evaluate reseeds them
+    globally, which must not perturb the caller's seeded stream)."""
+    import datasets
+
+    names = ["lm-eval", "lm_eval", *(n for n in logging.root.manager.loggerDict if n.startswith("lm_eval."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    noise = _DropNoise()
+    bars = datasets.is_progress_bar_enabled()
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+        lg.addFilter(noise)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+            lg.removeFilter(noise)
+        if bars:
+            datasets.enable_progress_bars()
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+
+
+@lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool):
+    """lm-eval's TaskManager. Indexing its ~14k built-in task YAMLs costs several seconds, so local-only
+    runs skip it (inline configs need no index) and the full index is built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=include_defaults)
+
+
+def bootstrap_ci(correct: Sequence[float], n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile-bootstrap interval of the mean of per-item scores (items resampled with replacement)."""
+    values = np.asarray(correct, dtype=float)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"need a non-empty 1-d sequence of per-item scores, got shape {values.shape}")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None, seed: int = 0,
+              batch_size: int = 8, prepend_bos: bool = False) -> dict[str, dict]:
+    """Zero-shot accuracy of the in-memory ``model`` with lm-eval (HoC §2.3 protocol).
+
+    ``tasks``: names from ``common.tasks.LOCAL_TASKS`` (built from the held-out split, ``n_items`` each,
+    seeded by ``seed``, written under ``cache_dir()/"tasks"``) and/or ``PAPER_TASKS`` (lm-eval's hub
+    datasets; ``n_items`` then limits each to its first items, ``None`` = all). ``prepend_bos``: the
+    model's registry policy (``models.get_spec(key).prepend_bos``), handed to HFLM as ``add_bos_token``.
+    ``batch_size`` is fixed (never "auto").
+
+    Returns ``{task: {"acc", "metric", "n", "ci95", "chance", "scores", "correct"}}``: ``acc`` is the
+    task's headline metric (``metric``: acc or acc_norm), ``ci95`` a percentile bootstrap over items
+    (1000 resamples, seeded by ``seed``), ``scores`` both lm-eval metrics, ``correct`` the per-item 0/1
+    of the headline metric in doc order (what ``average_accuracy`` resamples).
+    """
+    from common import tasks as local
+    from common.config import cache_dir
+
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in local.LOCAL_TASKS and t not in local.PAPER_TASKS]
+    if not tasks or unknown or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names from the local tasks ({', '.join(local.LOCAL_TASKS)}) "
+                         f"or the paper tasks ({', '.join(local.PAPER_TASKS)}); got {tasks}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (never 'auto'), got {batch_size!r}")
+    names = [t for t in tasks if t in local.LOCAL_TASKS]
+    paper = [t for t in tasks if t in local.PAPER_TASKS]
+    if names and n_items is None:
+        raise ValueError("local tasks need n_items")
+    docs = {t: local.build_docs(t, n_items, seed) for t in names}
+    configs = local.materialise(names, n_items, seed, cache_dir() / "tasks") if names else []
+
+    import lm_eval
+    import lm_eval.evaluator  # noqa: F401  (import now, so _quiet_lm_eval sees every lm-eval logger)
+    import lm_eval.tasks  # noqa: F401
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    try:
+        with _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, add_bos_token=prepend_bos,
+                      device=str(next(model.parameters()).device))
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[*configs, *paper], task_manager=_task_manager(bool(paper)), num_fewshot=0,
+                limit=n_items if paper else None, random_seed=seed, numpy_random_seed=1234,
+                torch_random_seed=1234, fewshot_random_seed=1234, bootstrap_iters=0, log_samples=True)
+    finally:
+        model.train(was_training)  # HFLM switches the model to eval mode
+
+    results = {}
+    for t in tasks:
+        metric = local.PAPER_TASKS.get(t) or local.LOCAL_TASKS[t].metric
+        samples = sorted(out["samples"][t], key=lambda s: s["doc_id"])
+        correct = [float(s[metric]) for s in samples]
+        acc = float(out["results"][t][f"{metric},none"])
+        if not math.isclose(acc, sum(correct) / len(correct), abs_tol=1e-9):
+            raise RuntimeError(f"{t}: lm-eval's {metric} {acc} disagrees with its per-sample mean")
+        if t in docs and len(samples) != len(docs[t]):
+            raise RuntimeError(f"{t}: lm-eval scored {len(samples)} docs, built {len(docs[t])}")
+        # chance: local tasks from their docs; hub tasks from the number of choices lm-eval scored
+        chance = (local.chance_level(t, docs[t]) if t in docs
+                  else float(np.mean([1.0 / len(s["arguments"]) for s in samples])))
+        results[t] = {"acc": acc, "metric": metric, "n": len(samples),
+                      "ci95": bootstrap_ci(correct, seed=seed), "chance": chance,
+                      "scores": {m: float(out["results"][t][f"{m},none"]) for m in ("acc", "acc_norm")
+                                 if f"{m},none" in out["results"][t]},
+                      "correct": correct}
+    return results
+
+
+def average_accuracy(per_task: dict[str, dict], n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Unweighted mean over tasks of the headline metric (HoC's "average accuracy"), with a percentile
+    bootstrap interval that resamples items within each task independently. ``per_task``: ``zero_shot``'s
+    result (each entry needs its ``correct`` list)."""
+    if not per_task:
+        raise ValueError("average_accuracy needs at least one task")
+    missing = [t for t, r in per_task.items() if not r.get("correct")]
+    if missing:
+        raise ValueError(f"per-item scores ('correct') missing for {missing}; pass zero_shot's result")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_resamples)
+    for r in per_task.values():
+        c = np.asarray(r["correct"], dtype=float)
+        means += c[rng.integers(0, c.size, size=(n_resamples, c.size))].mean(axis=1)
+    means /= len(per_task)
+    return {"acc": float(np.mean([r["acc"] for r in per_task.values()])),
+            "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "chance": float(np.mean([r["chance"] for r in per_task.values()])),
+            "n_tasks": len(per_task), "tasks": list(per_task)}
