@@ -7,9 +7,12 @@ scored independently (no carried context), and the first token of a window is ne
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -55,7 +58,7 @@ class _DropNoise(logging.Filter):
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """For the call: lm-eval loggers at WARNING without the known-harmless warnings, no datasets
-    progress bars; and python/numpy/torch RNG states restored afterwards (simple_evaluate reseeds them
+    progress bars (lm-eval's stderr is shown only if the call fails); and python/numpy/torch RNG states restored afterwards (simple_evaluate reseeds them
     globally, which must not perturb the caller's seeded stream)."""
     import datasets
 
@@ -70,8 +73,13 @@ def _quiet_lm_eval() -> Iterator[None]:
         lg.setLevel(logging.WARNING)
         lg.addFilter(noise)
     datasets.disable_progress_bars()
+    captured = io.StringIO()  # lm-eval's own tqdm bars ignore TQDM_DISABLE: keep them out of notebooks
     try:
-        yield
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
