@@ -66,6 +66,7 @@ lab: setup  ## open the notebooks in JupyterLab
 bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.json
 	TQDM_DISABLE=1 $(PY) bench/bench_capture.py
 	TQDM_DISABLE=1 $(PY) bench/bench_model_load.py
+	TQDM_DISABLE=1 $(PY) bench/bench_perplexity.py
 
 report: setup  ## regenerate the README results table from the manifests and claims.yaml
 	$(PY) -m common.report

@@ -77,12 +77,14 @@ def table1(layer: int, ranked: list[int], k: int, width: int, seeds: tuple[int, 
             *[random_k(layer, k, s, width, ranked[:k]) for s in seeds]]
 
 
-def writer_layers(prompts, dim: int, min_abs: float = massive.MIN_ABS) -> list[int]:
-    """Layers whose FFN branch writes at least ``min_abs`` into hidden ``dim`` at position 0 (mean over
-    prompts): the layers that build a massive dim (SmolLM2: 1, 2 and 11 for dim 507)."""
+def writer_layers(prompts, dim: int, layer: int, min_abs: float = massive.MIN_ABS) -> list[int]:
+    """Layers up to the massive ``layer`` whose FFN branch writes at least ``min_abs`` into hidden ``dim`` at
+    position 0 (mean over prompts), with the sign of the massive value: the layers that *build* the massive
+    dim (SmolLM2: 1, 2 and 11 for dim 507). Later layers that shrink it are not builders."""
     point = "post_ffn" if "post_ffn" in prompts.pos0 else "mlp_out"
-    writes = prompts.pos0[point][:, :, dim].mean(0).abs()
-    return (writes >= min_abs).nonzero().flatten().tolist()
+    writes = prompts.pos0[point][:, : layer + 1, dim].mean(0)
+    sign = torch.sign(prompts.pos0["hidden"][:, layer, dim].mean(0))
+    return (writes * sign >= min_abs).nonzero().flatten().tolist()
 
 
 def joint_top(prompts, layers: list[int], k: int) -> Attack:
@@ -189,6 +191,9 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
         record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=PAPER_TABLE1_REF,
                ci95=avg["ci95"] if avg else None,
                note="unweighted mean over the zero-shot tasks (fraction; paper: %), 95% bootstrap interval")
+        if avg and rows["base"]["avg"] and row != "base":
+            record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"],
+                   note="accuracy minus intact accuracy (fraction)")
     if rows["base"]["tasks"]:
         record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
 
@@ -227,7 +232,7 @@ def circuit_attacks(model: torch.nn.Module, m: massive.Measurement, ranked: list
     attacks = [hidden_intervention(r.layer, dims, [0.0] * len(dims), "sun_zero"),
                hidden_intervention(r.layer, dims, mean, "sun_mean"),
                Attack("super_weight", "super", {"layer": r.layer, "hidden_dim": dims[0], "channel": ranked[0]})]
-    writers = writer_layers(m.prompts, dims[0])
+    writers = writer_layers(m.prompts, dims[0], r.layer)
     if len(writers) > 1:
         attacks.append(joint_top(m.prompts, writers, joint_k))
     if m.post_norm is not None:

@@ -50,28 +50,28 @@ class NotebookConfig:
 
 
 @dataclass(frozen=True)
-class MassiveOriginConfig(NotebookConfig):
-    """Notebook 01 (HoC §2.2 / SunMA §2): models, detection prompts and corpus windows."""
+class CorpusConfig(NotebookConfig):
+    """Models, detection prompts and the corpus windows that several notebooks share."""
 
     models: tuple[str, ...] = ()
     prompts: tuple[str, ...] = DETECTION_PROMPTS
     corpus: str = "wiki"
     n_windows: int = 8
     window_len: int = 256
-    top_k: int = 5
     batch_size: int = 4
 
 
 @dataclass(frozen=True)
-class AblationConfig(NotebookConfig):
-    """Notebook 02 (HoC Table 1, Fig. 4; SunMA Table 3): attacks, evaluation data and the k-sweep."""
+class MassiveOriginConfig(CorpusConfig):
+    """Notebook 01 (HoC §2.2 / SunMA §2): detection with the top-k channels."""
 
-    models: tuple[str, ...] = ()
-    prompts: tuple[str, ...] = DETECTION_PROMPTS
-    corpus: str = "wiki"
-    n_windows: int = 8
-    window_len: int = 256
-    batch_size: int = 4
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class AblationConfig(CorpusConfig):
+    """Notebook 02 (HoC Table 1, Fig. 4; SunMA Table 3): attacks, evaluation tasks and the k-sweep."""
+
     k: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     tasks: tuple[str, ...] = ()
@@ -95,7 +95,7 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
         "01_massive_activation_origin": MassiveOriginConfig(
             models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256),
         "02_massive_weight_ablation": AblationConfig(
-            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256,
+            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=6, window_len=256,
             tasks=("wiki_mc", "wiki_yesno", "wiki_topic", "wiki_cloze", "commonsense"), n_items=20,
             sweep_model="smollm2-135m", sweep_tasks=("wiki_mc", "commonsense"), sweep_n_items=20),
     },

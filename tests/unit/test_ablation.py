@@ -85,7 +85,7 @@ def test_unknown_attack_kind_lists_the_known_ones(planted):
 
 def test_writer_layers_and_circuit_attacks(planted):
     model, tok, windows, m, ranked = planted
-    assert ablation.writer_layers(m.prompts, PLANT["hidden_dim"]) == [PLANT["layer"]]
+    assert ablation.writer_layers(m.prompts, PLANT["hidden_dim"], PLANT["layer"]) == [PLANT["layer"]]
     names = [a.name for a in ablation.circuit_attacks(model, m, ranked)]
     assert names == ["sun_zero", "sun_mean", "super_weight"]  # one writer layer: no joint attack
     ppl = {a.name: ablation.evaluate(model, tok, "tiny-llama", a, windows, batch_size=2)["ppl"]
