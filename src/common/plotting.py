@@ -6,6 +6,7 @@ same colour in every notebook. Figures go to the active notebook's output direct
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -88,7 +89,7 @@ def plot_table1(frame, k: int) -> plt.Figure:
     for i, c in enumerate(chance):
         ax_a.hlines(c, i - 0.45, i + 0.45, color="black", ls=":", label="chance" if i == 0 else None)
     for ax in (ax_p, ax_a):
-        ax.set_xticks(range(len(models)), [display_name(m) for m in models], fontsize="small")
+        ax.set_xticks(range(len(models)), [textwrap.fill(display_name(m), 14) for m in models], fontsize="small")
     ax_p.set_yscale("log")
     ax_p.axhline(1, color="grey", lw=0.8)
     ax_p.set_ylabel("perplexity / intact")
