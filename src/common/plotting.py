@@ -124,7 +124,8 @@ def plot_sweep(frame, title: str) -> plt.Figure:
 def plot_circuit(frame) -> plt.Figure:
     """Perplexity ratio of the circuit attacks per model (log scale)."""
     models = list(dict.fromkeys(frame.index.get_level_values(0)))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(3.6 * max(1, len(models)), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.2), squeeze=False,
+                             layout="constrained")
     for ax, key in zip(axes[0], models, strict=False):
         sub = frame.xs(key, level=0)
         ax.barh([_attack_label(a) for a in sub.index], sub["ppl_ratio"], color=MODEL_COLORS.get(key))
