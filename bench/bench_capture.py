@@ -23,7 +23,7 @@ def main() -> None:
         "plain_forward": plain,
         "pos0_stats": lambda: capture.capture(model, [ids], points=("hidden", "inter")),
         "whole_tensor_stats": lambda: capture.capture(model, [ids], points=("hidden", "inter"), whole=True),
-    })
+    }, repeats=9)
     ratios = {"pos0_stats_over_plain": times["pos0_stats"] / times["plain_forward"],
               "whole_tensor_stats_over_plain": times["whole_tensor_stats"] / times["plain_forward"]}
     for name, r in ratios.items():

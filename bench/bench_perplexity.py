@@ -2,9 +2,9 @@
 8x256 held-out wiki tokens, batch 4, both sides interleaved in one process."""
 
 import torch
+from common_bench import interleaved, save
 
 from common import data, evaluation, models
-from common_bench import interleaved, save
 
 KEY = "smollm2-135m"
 
