@@ -99,7 +99,7 @@ def hidden_intervention(layer: int, dims: list[int], values: list[float], name: 
 
 
 def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: torch.Tensor,
-             tasks: tuple[str, ...] = (), n_items: int = 0, batch_size: int = 4, seed: int = 0) -> dict:
+             tasks: tuple[str, ...] = (), n_items: int | None = 0, batch_size: int = 4, seed: int = 0) -> dict:
     """Perplexity on ``windows`` (and the zero-shot ``tasks`` with ``n_items`` each) under ``attack``, cached.
 
     Returns ``{"ppl": float, "tasks": {task: {...}} | None, "avg": {...} | None}``.
@@ -131,7 +131,7 @@ PAPER_TABLE1_REF = "HoC Table 1, Llama-3-8B (avg of WikiText-2/C4/PG-19 ppl; 5-t
 
 
 def table1_rows(model: torch.nn.Module, tok, key: str, report: massive.MassiveReport, ranked: list[int],
-                windows: torch.Tensor, k: int, seeds: tuple[int, ...], tasks: tuple[str, ...], n_items: int,
+                windows: torch.Tensor, k: int, seeds: tuple[int, ...], tasks: tuple[str, ...], n_items: int | None,
                 batch_size: int) -> dict[str, dict]:
     """Evaluate HoC Table 1's rows for one model. Without a massive layer only ``base`` is evaluated."""
     attacks = [BASE]

@@ -150,5 +150,5 @@ def summary(records: list[dict] | None = None):
     import pandas as pd
 
     rows = current().records if records is None else records
-    df = pd.DataFrame(rows, columns=["key", "value", "paper_value", "paper_ref", "note"])
+    df = pd.DataFrame(rows, columns=["key", "value", "ci95", "paper_value", "paper_ref", "note"])
     return df.set_index("key")
