@@ -58,8 +58,7 @@ def zero_top(layer: int, ranked: list[int], k: int) -> Attack:
 
 def keep_top(layer: int, ranked: list[int], k: int, width: int) -> Attack:
     """HoC top-k retaining: every other up/gate row of the layer zeroed (k = 0 removes the layer's FFN)."""
-    keep = set(ranked[:k])
-    return Attack(f"keep_top{k}", "channels", {"channels": {layer: [c for c in range(width) if c not in keep]}})
+    return Attack(f"keep_top{k}", "channels", {"channels": {layer: massive.all_but(ranked[:k], width)}})
 
 
 def random_k(layer: int, k: int, seed: int, width: int, exclude: list[int]) -> Attack:
@@ -70,8 +69,11 @@ def random_k(layer: int, k: int, seed: int, width: int, exclude: list[int]) -> A
                   {"channels": {layer: massive.random_channels(width, k, seed, exclude)}})
 
 
-def table1(layer: int, ranked: list[int], k: int, width: int, seeds: tuple[int, ...]) -> list[Attack]:
-    """HoC Table 1 rows: base, zero top-k, keep-only top-k, and the random control for each seed."""
+def table1(report: massive.MassiveReport, ranked: list[int], k: int, width: int,
+           seeds: tuple[int, ...]) -> list[Attack]:
+    """HoC Table 1 rows: base, zero top-k, keep-only top-k, and the random control for each seed.
+    Refuses (ValueError) for a model without a massive layer."""
+    layer = massive.require_layer(report)
     massive.check_k(k, width)
     return [BASE, zero_top(layer, ranked, k), keep_top(layer, ranked, k, width),
             *[random_k(layer, k, s, width, ranked[:k]) for s in seeds]]
@@ -136,8 +138,7 @@ def table1_rows(model: torch.nn.Module, tok, key: str, report: massive.MassiveRe
     """Evaluate HoC Table 1's rows for one model. Without a massive layer only ``base`` is evaluated."""
     attacks = [BASE]
     if report.found:
-        width = arch.intermediate_size(model, report.layer)
-        attacks = table1(report.layer, ranked, k, width, seeds)
+        attacks = table1(report, ranked, k, arch.intermediate_size(model, report.layer), seeds)
     rows = {}
     for attack in attacks:
         with_tasks = attack.name in ("base", f"zero_top{k}", f"keep_top{k}") or attack.name.endswith("_s0")

@@ -342,8 +342,13 @@ def keep_only_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: 
     """HoC top-k *retaining*: zero every other row of up/gate at ``layer`` ((I - k) rows)."""
     width = arch.intermediate_size(model, layer)
     check_k(k, width)
-    keep = set(ranked[:k])
-    return zero_channels(model, {layer: [c for c in range(width) if c not in keep]})
+    return zero_channels(model, {layer: all_but(ranked[:k], width)})
+
+
+def all_but(keep: list[int], width: int) -> list[int]:
+    """The channels of ``[0, width)`` not in ``keep`` (the rows a keep-only attack zeroes)."""
+    kept = set(keep)
+    return [c for c in range(width) if c not in kept]
 
 
 def random_channels(width: int, k: int, seed: int, exclude: list[int] = ()) -> list[int]:

@@ -103,3 +103,14 @@ def test_joint_top_zeroes_every_layer(planted):
         inter = capture.capture(model, [ids], points=("inter",)).pos0["inter"][0]
     for layer, chans in attack.params["channels"].items():
         assert torch.all(inter[layer, chans] == 0)
+
+
+def test_table1_refuses_a_model_without_massive_layer():
+    report = massive.MassiveReport(None, [], [], [], [None], 0, [], 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="no detectable massive layer"):
+        ablation.table1(report, [], 5, 192, (0,))
+
+
+def test_all_but_is_the_complement():
+    assert massive.all_but([3, 1], 5) == [0, 2, 4]
+    assert massive.all_but([], 3) == [0, 1, 2]
