@@ -51,8 +51,16 @@ FAMILIES: dict[str, Arch] = {
 }
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` (its adapters stay injected and active), else
+    ``model`` itself. Every accessor below goes through it, so they all work on peft models too."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def arch_of(model: nn.Module) -> Arch:
     """The accessor entry for ``model`` (by ``config.model_type``); unknown families list the known ones."""
+    model = unwrap(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise NotImplementedError(f"no accessors for model_type {model_type!r}; known families: "
@@ -68,13 +76,12 @@ def _get(obj: nn.Module, path: str) -> nn.Module:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (call it to skip the vocabulary projection)."""
-    return _get(model, arch_of(model).backbone)
+    return _get(unwrap(model), arch_of(model).backbone)
 
 
 def layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers."""
-    a = arch_of(model)
-    return _get(_get(model, a.backbone), a.layers)
+    return _get(backbone(model), arch_of(model).layers)
 
 
 def attention(model: nn.Module, i: int) -> nn.Module:

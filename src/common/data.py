@@ -102,3 +102,84 @@ def token_windows(tok, model_key: str, corpus: str, n_windows: int, window_len: 
     if bos:
         out = torch.cat([torch.full((n_windows, 1), tok.bos_token_id), out], dim=1)
     return out
+
+
+# -------------------------------------------------------------------------------- instruction data
+# MacDrop's fine-tuning set on the ``small`` profile (notebook 03; the paper uses alpaca-gpt4): instructions
+# built from the *train* split only, so notebook 02's evaluation tasks (built from the held-out split)
+# never see a fine-tuning article. The instruction set has its own validation split.
+
+IGNORE = -100  # label of prompt and padding tokens (the loss covers the response only)
+INSTRUCT_VAL_MOD = 10  # an article is instruction-validation when sha1(title) % 10 == 1 (never 0: held-out)
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def _first_sentence(text: str) -> str | None:
+    first = " ".join(text.split()).split(". ")[0].rstrip(".")
+    return first + "." if 6 <= len(first.split()) <= 40 else None
+
+
+def _wiki_instructions(split: str) -> list[dict]:
+    want = 1 if split == "val" else None
+    pairs = []
+    for a in wiki_split("train"):
+        bucket = int(hashlib.sha1(a["title"].encode("utf-8")).hexdigest(), 16) % INSTRUCT_VAL_MOD
+        if (bucket == 1) != (want == 1):
+            continue
+        title = " ".join(a["title"].split())
+        if desc := " ".join((a.get("description") or "").split()):
+            pairs.append({"instruction": f"What is {title}?", "response": desc[0].upper() + desc[1:] + "."})
+        if sentence := _first_sentence(a["extract"]):
+            pairs.append({"instruction": f"Summarize {title} in one sentence.", "response": sentence})
+    return pairs
+
+
+def _synthetic_instructions(split: str) -> list[dict]:
+    rng = random.Random(2 if split == "val" else 3)
+    return [{"instruction": f"Finish the sentence: {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)}",
+             "response": rng.choice(_TAILS)} for _ in range(400)]
+
+
+def instruction_pairs(corpus: str, split: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` seeded ``{"prompt", "response"}`` pairs of ``split`` ("train" / "val"): "What is X?" → its
+    description and "Summarize X in one sentence." → the article's first sentence (``wiki``), or
+    sentence completions (``synthetic``). The prompt is ``PROMPT_TEMPLATE`` (Alpaca's layout)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown instruction split {split!r}; use 'train' or 'val'")
+    builders = {"wiki": _wiki_instructions, "synthetic": _synthetic_instructions}
+    if corpus not in builders:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(builders)}")
+    pool = builders[corpus](split)
+    if n > len(pool):
+        raise ValueError(f"{corpus}/{split} has {len(pool)} instruction pairs; asked for {n}. Lower n")
+    picked = random.Random(f"instructions:{corpus}:{split}:{seed}").sample(pool, n)
+    return [{"prompt": PROMPT_TEMPLATE.format(instruction=p["instruction"]), "response": p["response"]}
+            for p in picked]
+
+
+def tokenize_pairs(tok, key: str, pairs: list[dict], max_len: int) -> list[dict]:
+    """``{"input_ids", "labels"}`` per pair: [BOS per the model's policy] prompt response EOS, truncated to
+    ``max_len``; prompt tokens are labelled ``IGNORE`` so the loss covers the response (SFT)."""
+    bos = [tok.bos_token_id] if get_spec(key).prepend_bos else []
+    out = []
+    for p in pairs:
+        prompt = bos + tok(p["prompt"], add_special_tokens=False)["input_ids"]
+        response = tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = (prompt + response)[:max_len]
+        labels = ([IGNORE] * len(prompt) + response)[:max_len]
+        if all(label == IGNORE for label in labels):
+            raise ValueError(f"max_len={max_len} cuts every response token of a pair; raise max_len")
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ids with ``pad_id`` (masked out), labels with ``IGNORE``."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import data
+
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -35,6 +37,26 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def response_loss(model: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token NLL over the response tokens of ``examples`` (the held-out loss of HoC-style SFT)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            b = {k: v.to(dev) for k, v in data.collate(examples[start:start + batch_size], pad_id).items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            target = b["labels"][:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                  ignore_index=data.IGNORE, reduction="sum")
+            total, count = total + float(nll), count + int((target != data.IGNORE).sum())
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 # ------------------------------------------------------------------------------------- zero-shot

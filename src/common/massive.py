@@ -121,6 +121,22 @@ def find_massive(prompts: Stats, windows: Stats, k: int = 5) -> MassiveReport:
         hidden_ratio=top / float(median_all[ref]), hidden_ratio_pos0=float(hidden_ratio_pos0[ref]))
 
 
+def massive_weights(model: torch.nn.Module, prompt_ids: list[torch.Tensor], k: int = 5) -> tuple[int, list[int]]:
+    """HoC Alg. 1 lines 1–4 on a *pre-trained* model: the massive layer (first layer whose position-0
+    intermediate state meets Sun's criterion, mean |x| over the prompts) and its top-k channels, ranked.
+
+    ``prompt_ids``: [1, T] token ids per prompt, with the model's BOS policy applied. Raises ValueError
+    when no layer qualifies (nothing to attack or drop) or when k exceeds the layer."""
+    inter = capture(model, prompt_ids, points=("inter",)).pos0["inter"]
+    layer = detect_massive_layer(inter)
+    if layer is None:
+        top, ratio = layer_profile(inter)
+        raise ValueError(f"no massive layer: the largest position-0 intermediate value is {float(top.max()):.3g} "
+                         f"(max ratio to the median {float(ratio.max()):.3g}); Sun's criterion needs >= {MIN_ABS:g} "
+                         f"and >= {MIN_RATIO:g}x. This model has no massive weights for MacDrop or the attacks")
+    return layer, top_channels(inter, layer, k)[0]
+
+
 def origin_split(prompts: Stats, layer: int, dims: list[int]) -> dict[str, float]:
     """HoC Fig. 3a at the massive layer, summed over ``dims`` at position 0 (mean over prompts): the
     residual before the layer, what the attention branch adds, what the FFN branch adds, the residual after.
@@ -320,6 +336,31 @@ def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]
         slices += _channel_slices(model, layer, idx)
     with _patched(slices):
         yield
+
+
+@contextmanager
+def silence_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]]) -> Iterator[None]:
+    """Force the given intermediate channels to 0 at the input of down_proj (a forward pre-hook, no weight
+    edit). On a model with adapters this equals merging them and then zeroing the merged up/gate rows (the
+    "merged" reading of HoC Table 4, research §6.9); on a plain model it equals ``zero_channels``."""
+    handles = []
+    try:
+        for layer, channels in channels_by_layer.items():
+            width = arch.intermediate_size(model, layer)
+            idx = torch.as_tensor(list(channels), dtype=torch.long)
+            if len(idx) and (idx.min() < 0 or idx.max() >= width):
+                raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
+
+            def hook(_module, args, idx=idx):
+                x = args[0].clone()
+                x[..., idx.to(x.device)] = 0
+                return (x, *args[1:])
+
+            handles.append(arch.down_proj(model, layer).register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def require_layer(report: MassiveReport) -> int:

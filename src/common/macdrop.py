@@ -1,0 +1,245 @@
+"""MacDrop: curriculum DropConnect on the frozen massive weights during PEFT (House of Cards §3, Alg. 1).
+
+For every micro-batch, one 0/1 keep-mask of shape k x d is drawn with drop probability p_t and multiplied
+into *both* the k massive rows of up_proj and gate_proj at the massive layer (the frozen base weights;
+under peft, ``base_layer.weight``); no 1/(1-p) rescaling; the rows are restored bit-exactly after the
+backward pass (so gradient checkpointing recomputes with the same masked weights). p_t follows a
+schedule over the optimizer step t = 1..T (``Schedule``; the paper's main setting is Step with p0 = 0.8).
+
+Add it to any ``transformers.Trainer`` (LoRA or DoRA through peft, fp32 or bf16, one device or
+``accelerate launch``) in three lines::
+
+    from common import massive
+    from common.macdrop import MacDropCallback
+
+    ids = [tok(p, return_tensors="pt").input_ids for p in massive_prompts]   # BOS as the model expects
+    layer, channels = massive.massive_weights(model, ids, k=5)               # the *pre-trained* model
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      callbacks=[MacDropCallback(model, layer, channels, p0=0.8, schedule="step")])
+    trainer.train()
+
+The callback keeps ``history`` (p_t and the measured drop rate of every optimizer step), so a run can
+prove MacDrop was active. If you catch an exception from ``trainer.train()`` and go on using the model,
+call ``callback.restore()`` first (the Trainer has no exception hook; the rows may still be masked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from common import arch
+from common.manifest import write_json_atomic
+
+SCHEDULES = ("step", "exp", "epoch_before", "epoch_after", "constant")
+#: The paper's Exp(alpha) uses alpha = 0.01 at T = 579 optimizer steps (HoC Table 5, research §3.5).
+PAPER_EXP_ALPHA = 0.01
+PAPER_T = 579
+HISTORY_FILE = "macdrop_history.json"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Drop probability p_t over optimizer steps t = 1..T (HoC §3 and Table 5).
+
+    - ``step``: p0 (1 - t/T), 0 at t = T (the paper's main setting);
+    - ``exp``: p0 exp(-alpha t); ``alpha=None`` scales the paper's 0.01 at T = 579 to this T
+      (alpha T = 5.79, the same decay shape at fewer steps);
+    - ``epoch_before``: p0 (1 - (e - 1)/E) and ``epoch_after``: p0 (1 - e/E), e = 1..E the epoch of step t;
+    - ``constant``: p0 (the Fig. 6 scope ablation).
+    """
+
+    kind: str = "step"
+    p0: float = 0.8
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown MacDrop schedule {self.kind!r}; known: {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.p0 <= 1.0:
+            raise ValueError(f"p0={self.p0} is not a probability: choose p0 in [0, 1] (the paper uses 0.8)")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha} must be > 0 (or None to scale the paper's 0.01 to T)")
+
+    def alpha_for(self, total_steps: int) -> float:
+        """The Exp decay rate used at ``total_steps`` (the paper's alpha T when ``alpha`` is None)."""
+        return self.alpha if self.alpha is not None else PAPER_EXP_ALPHA * PAPER_T / total_steps
+
+    def p(self, step: int, total_steps: int, n_epochs: int = 1) -> float:
+        """p_t at optimizer step ``step`` (1-based) of ``total_steps``, training for ``n_epochs`` epochs."""
+        if not 1 <= step <= total_steps:
+            raise ValueError(f"step {step} is outside 1..{total_steps}")
+        epoch = min(n_epochs, (step - 1) * n_epochs // total_steps + 1)
+        if self.kind == "step":
+            return self.p0 * (1 - step / total_steps)
+        if self.kind == "exp":
+            return self.p0 * math.exp(-self.alpha_for(total_steps) * step)
+        if self.kind == "epoch_before":
+            return self.p0 * (1 - (epoch - 1) / n_epochs)
+        if self.kind == "epoch_after":
+            return self.p0 * (1 - epoch / n_epochs)
+        return self.p0
+
+
+def _frozen_float(weight: torch.Tensor, name: str) -> None:
+    """MacDrop masks frozen floating-point base weights; anything else would be a silent no-op or worse."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"MacDrop cannot mask the {name} weight of type {type(weight).__name__} / "
+                        f"{getattr(weight, 'dtype', None)}: it needs a floating-point base weight (quantised "
+                        "layers such as bitsandbytes 4/8-bit store packed integers; load the model in bf16/fp32)")
+    if weight.requires_grad:
+        raise ValueError(f"the {name} base weight at the massive layer is trainable; MacDrop is DropConnect on "
+                         "*frozen* pre-trained weights: wrap the model with a PEFT adapter (LoRA/DoRA) or freeze it")
+
+
+def _check_reachable(model: nn.Module, layer: int) -> None:
+    """Refuse peft wrappings that would make masking the base weight a no-op (merged adapters)."""
+    m = arch.mlp(model, layer)
+    for module in m.children():
+        if getattr(module, "merged", False):
+            raise ValueError(f"the adapters of layer {layer}'s FFN are merged into the base weight; MacDrop "
+                             "would mask the merged weight. Call model.unmerge_adapter() before training")
+
+
+class MacDrop:
+    """The masking of HoC Alg. 1 on one model: ``apply(p, ...)`` masks the massive rows in place (one
+    mask shared by every up/gate block), ``restore()`` puts the saved rows back bit-exactly.
+
+    ``channels`` are the intermediate channels to drop: the top-k massive channels for MacDrop (scope
+    "massive"), or every / every other row of the layer for the Fig. 6 scope ablation. ``model`` may be
+    a peft ``PeftModel``: the frozen ``base_layer`` weights are masked, adapters never.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, channels: list[int], seed: int = 0):
+        model = arch.unwrap(model)
+        n_layers = len(arch.layers(model))
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"massive layer {layer} is outside the model's {n_layers} layers; detect it with "
+                             "massive.massive_weights on the pre-trained model")
+        width = arch.intermediate_size(model, layer)
+        idx = torch.as_tensor(list(channels), dtype=torch.long)
+        if len(idx) == 0 or len(idx) > width or len(set(idx.tolist())) != len(idx):
+            raise ValueError(f"MacDrop needs 1..{width} distinct channels (k larger than the layer's "
+                             f"intermediate size {width}?), got {len(idx)}")
+        if idx.min() < 0 or idx.max() >= width:
+            raise ValueError(f"channel indices must lie in [0, {width}) at layer {layer}")
+        _check_reachable(model, layer)
+        self.blocks = arch.ffn_input_blocks(model, layer)
+        for b in self.blocks:
+            _frozen_float(b.weight, b.name)
+        self.layer, self.channels, self.seed = layer, idx.tolist(), seed
+        self._index = [b.index(idx.to(b.weight.device)) for b in self.blocks]
+        self._saved: list[torch.Tensor] | None = None
+        self.shape = (len(idx), self.blocks[0].weight.shape[1 - self.blocks[0].dim])
+
+    def mask(self, p: float, step: int, micro: int = 0, rank: int = 0) -> torch.Tensor:
+        """The keep-mask (1 = keep) for one micro-batch: Bernoulli(1 - p), from a generator seeded by
+        (seed, step, micro-batch, process rank) so a resumed run draws the same masks."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"drop probability {p} is outside [0, 1]")
+        w = self.blocks[0].weight
+        digest = hashlib.sha256(f"macdrop:{self.seed}:{step}:{micro}:{rank}".encode()).hexdigest()
+        gen = torch.Generator(device=w.device).manual_seed(int(digest[:15], 16))
+        return (torch.rand(self.shape, generator=gen, device=w.device) >= p).to(w.dtype)
+
+    @torch.no_grad()
+    def apply(self, keep: torch.Tensor) -> float:
+        """Multiply ``keep`` (k x d) into the rows of every block; returns the dropped fraction."""
+        self.restore()
+        self._saved = [b.weight[i].clone() for b, i in zip(self.blocks, self._index, strict=True)]
+        for b, i in zip(self.blocks, self._index, strict=True):
+            b.weight[i] *= keep if b.dim == 0 else keep.T
+        return 1.0 - float(keep.float().mean())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the saved rows back (idempotent)."""
+        if self._saved is None:
+            return
+        for b, i, old in zip(self.blocks, self._index, self._saved, strict=True):
+            b.weight[i] = old
+        self._saved = None
+
+    @property
+    def active(self) -> bool:
+        """True while a mask is applied."""
+        return self._saved is not None
+
+
+@dataclass
+class _StepLog:
+    p: float = 0.0
+    drops: list[float] = field(default_factory=list)
+
+
+class MacDropCallback(TrainerCallback):
+    """HoC Alg. 1 as a ``TrainerCallback``: a fresh mask before every micro-batch (``on_step_begin`` /
+    ``on_substep_end``), the rows restored after each backward (``on_substep_end`` /
+    ``on_pre_optimizer_step``, before the optimizer and before any evaluation), p_t from the optimizer
+    step ``state.global_step + 1`` with T = ``state.max_steps``. Each process of a distributed run
+    draws its own masks (the base weights are frozen, so nothing needs syncing; research §6.7)."""
+
+    def __init__(self, model: nn.Module, layer: int, channels: list[int], p0: float = 0.8,
+                 schedule: str | Schedule = "step", alpha: float | None = None, seed: int = 0):
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule, p0, alpha)
+        self.macdrop = MacDrop(model, layer, channels, seed)
+        self.history: list[dict] = []  # per optimizer step: {"step", "p", "drop_rate"}
+        self._log = _StepLog()
+        self._rank = 0
+
+    def _mask(self, args, state) -> None:
+        step = state.global_step + 1
+        p = self.schedule.p(step, state.max_steps, max(1, math.ceil(state.num_train_epochs)))
+        keep = self.macdrop.mask(p, step, len(self._log.drops), self._rank)
+        self._log.p = p
+        self._log.drops.append(self.macdrop.apply(keep))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.max_steps or state.max_steps < 1:
+            raise ValueError("MacDrop needs the number of optimizer steps T (state.max_steps) to be known")
+        self._rank = args.process_index
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._log = _StepLog()
+        self._mask(args, state)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.macdrop.restore()
+        self._mask(args, state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.macdrop.restore()
+        drops = self._log.drops
+        self.history.append({"step": state.global_step + 1, "p": self._log.p,
+                             "drop_rate": sum(drops) / len(drops) if drops else None})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.history:
+            logs["macdrop_p"] = self.history[-1]["p"]
+            logs["macdrop_drop_rate"] = self.history[-1]["drop_rate"]
+
+    def on_save(self, args, state, control, **kwargs):
+        """Keep the history with each checkpoint, so a resumed run can report every step."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and args.process_index == 0:
+            write_json_atomic(folder / HISTORY_FILE, self.history)
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Load the history saved with ``checkpoint`` (call before ``trainer.train(resume_from_checkpoint=...)``)."""
+        path = Path(checkpoint) / HISTORY_FILE
+        self.history = json.loads(path.read_text()) if path.exists() else []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.macdrop.restore()
+
+    def restore(self) -> None:
+        """Put the massive rows back now (after an exception escaped ``trainer.train()``)."""
+        self.macdrop.restore()
