@@ -140,16 +140,40 @@ def _synthetic_instructions(split: str) -> list[dict]:
              "response": rng.choice(_TAILS)} for _ in range(400)]
 
 
-def instruction_pairs(corpus: str, split: str, n: int, seed: int = 0) -> list[dict]:
-    """``n`` seeded ``{"prompt", "response"}`` pairs of ``split`` ("train" / "val"): "What is X?" → its
-    description and "Summarize X in one sentence." → the article's first sentence (``wiki``), or
-    sentence completions (``synthetic``). The prompt is ``PROMPT_TEMPLATE`` (Alpaca's layout)."""
+#: HoC's fine-tuning set: LLaMA-Factory's ``alpaca_gpt4_en`` (GPT-4 answers to the 52K Alpaca instructions).
+ALPACA_GPT4 = "llamafactory/alpaca_gpt4_en"
+ALPACA_VAL_SIZE = 0.05  # LLaMA-Factory val_size (research §3.2: 49,402 train examples -> T = 579 at batch 256)
+
+
+def _alpaca_instructions(split: str) -> list[dict]:
+    """alpaca-gpt4 from the hub cache (``make models PROFILE=paper`` downloads it), split 95/5 as
+    LLaMA-Factory does (seeded shuffle)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(ALPACA_GPT4, split="train")
+    except Exception as err:  # datasets raises several types when offline and not cached
+        raise FileNotFoundError(f"{ALPACA_GPT4} is not in the local datasets cache; run `make models PROFILE=paper` "
+                                "on a machine with hub access") from err
+    pairs = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
+              "response": r["output"]} for r in rows]
+    random.Random(42).shuffle(pairs)
+    n_val = round(len(pairs) * ALPACA_VAL_SIZE)
+    return pairs[:n_val] if split == "val" else pairs[n_val:]
+
+
+def instruction_pairs(corpus: str, split: str, n: int | None, seed: int = 0) -> list[dict]:
+    """``n`` seeded ``{"prompt", "response"}`` pairs of ``split`` ("train" / "val"; ``n=None``: all):
+    "What is X?" → its description and "Summarize X in one sentence." → the article's first sentence
+    (``wiki``), sentence completions (``synthetic``) or alpaca-gpt4 (``alpaca-gpt4``, the paper's data).
+    The prompt is ``PROMPT_TEMPLATE`` (Alpaca's layout)."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown instruction split {split!r}; use 'train' or 'val'")
-    builders = {"wiki": _wiki_instructions, "synthetic": _synthetic_instructions}
+    builders = {"wiki": _wiki_instructions, "synthetic": _synthetic_instructions, "alpaca-gpt4": _alpaca_instructions}
     if corpus not in builders:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(builders)}")
     pool = builders[corpus](split)
+    n = len(pool) if n is None else n
     if n > len(pool):
         raise ValueError(f"{corpus}/{split} has {len(pool)} instruction pairs; asked for {n}. Lower n")
     picked = random.Random(f"instructions:{corpus}:{split}:{seed}").sample(pool, n)
@@ -171,6 +195,11 @@ def tokenize_pairs(tok, key: str, pairs: list[dict], max_len: int) -> list[dict]
             raise ValueError(f"max_len={max_len} cuts every response token of a pair; raise max_len")
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def pad_id(tok) -> int:
+    """The tokenizer's padding id, or its EOS id when it has none (padding is masked out anyway)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,39 +13,22 @@ import json
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from torch import nn
 
 from common import __version__, arch, massive, models
-from common.config import cache_dir, device
-from common.data import collate
+from common.config import TrainSettings, cache_dir, device
+from common.data import collate, pad_id
 from common.macdrop import MacDropCallback, Schedule
 from common.manifest import write_json_atomic
 
 SCOPES = ("massive", "all", "non_massive")  # HoC Fig. 6: which up/gate rows of the massive layer are dropped
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """PEFT hyper-parameters (HoC App. A Table 6; unstated LLaMA-Factory defaults per research §6.10)."""
-
-    rank: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    lr: float = 1e-4
-    epochs: int = 3
-    batch_size: int = 8
-    grad_accum: int = 4
-    max_len: int = 1024
-    warmup_ratio: float = 0.05
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    save_steps: int = 50
-    gradient_checkpointing: bool = False
-    bf16: bool = False  # bf16 autocast (GPU); fp32 otherwise
 
 
 @dataclass(frozen=True)
@@ -87,13 +70,22 @@ class FineTune:
 # --------------------------------------------------------------------------------------- training
 
 
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft probes a deprecated transformers property (``is_gradient_checkpointing``) on every step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def peft_model(model: nn.Module, arm: Arm, settings: TrainSettings) -> nn.Module:
     """Wrap ``model`` with a LoRA (or DoRA) adapter on every linear layer except the LM head (HoC App. A)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules="all-linear", use_dora=arm.dora, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with _quiet_peft():
+        return get_peft_model(model, cfg)
 
 
 def scope_channels(arm: Arm, channels: list[int], width: int) -> list[int]:
@@ -167,7 +159,7 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
     if arm.schedule is not None:
         chans = scope_channels(arm, channels, arch.intermediate_size(model, layer))
         callbacks.append(MacDropCallback(model, layer, chans, schedule=arm.schedule, seed=seed))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     args = TrainingArguments(
         output_dir=str(work), seed=seed, data_seed=seed, learning_rate=settings.lr,
         num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
@@ -185,7 +177,8 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
         callbacks[0].resume(resume)
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with _quiet_peft():
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         for cb in callbacks:
             cb.restore()
@@ -202,5 +195,18 @@ def load_tuned(key: str, tuned: FineTune) -> tuple[nn.Module, object]:
     from peft import PeftModel
 
     model, tok = models.load_model(key)
-    return PeftModel.from_pretrained(model, str(tuned.path)).eval(), tok
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(tuned.path)).eval(), tok
 
+
+
+def grid_arms(kinds: tuple[str, ...], p0s: tuple[float, ...], scope_ps: tuple[float, ...]) -> dict[str, Arm]:
+    """HoC Table 5 (LoRA + MacDrop on the massive rows for every curriculum ``kind`` x ``p0``) and Fig. 6
+    (LoRA + constant-p dropout for every scope x p)."""
+    arms = {f"lora_{kind}_p{p:g}": Arm(f"lora_{kind}_p{p:g}", schedule=Schedule(kind, p))
+            for kind in kinds for p in p0s}
+    for scope in SCOPES:
+        for p in scope_ps:
+            name = f"lora_constant_{scope}_p{p:g}"
+            arms[name] = Arm(name, schedule=Schedule("constant", p), scope=scope)
+    return arms

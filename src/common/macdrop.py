@@ -100,6 +100,11 @@ def _frozen_float(weight: torch.Tensor, name: str) -> None:
                          "*frozen* pre-trained weights: wrap the model with a PEFT adapter (LoRA/DoRA) or freeze it")
 
 
+def _uses_dora(model: nn.Module, layer: int) -> bool:
+    """Whether a peft DoRA adapter wraps any FFN projection of ``layer`` (its weight norm reads the base weight)."""
+    return any(any(getattr(m, "use_dora", {}).values()) for m in arch.mlp(model, layer).children())
+
+
 def _check_reachable(model: nn.Module, layer: int) -> None:
     """Refuse peft wrappings that would make masking the base weight a no-op (merged adapters)."""
     m = arch.mlp(model, layer)
@@ -136,6 +141,7 @@ class MacDrop:
         for b in self.blocks:
             _frozen_float(b.weight, b.name)
         self.layer, self.channels, self.seed = layer, idx.tolist(), seed
+        self.dora = _uses_dora(model, layer)
         self._index = [b.index(idx.to(b.weight.device)) for b in self.blocks]
         self._saved: list[torch.Tensor] | None = None
         self.shape = (len(idx), self.blocks[0].weight.shape[1 - self.blocks[0].dim])
@@ -153,6 +159,10 @@ class MacDrop:
     @torch.no_grad()
     def apply(self, keep: torch.Tensor) -> float:
         """Multiply ``keep`` (k x d) into the rows of every block; returns the dropped fraction."""
+        if self.dora and bool((keep.sum(1) == 0).any()):
+            raise ValueError("a fully dropped row makes DoRA's weight norm 0 (its output NaN): with DoRA keep the "
+                             "drop probability below 1 (e.g. the Step schedule, or Epoch(after) instead of Epoch(before) "
+                             "at p0 = 1)")
         self.restore()
         self._saved = [b.weight[i].clone() for b, i in zip(self.blocks, self._index, strict=True)]
         for b, i in zip(self.blocks, self._index, strict=True):

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -160,7 +161,7 @@ def plant_massive_weight(model: LlamaForCausalLM, layer: int, channel: int, hidd
         emb[model.config.bos_token_id, bos_dim] = 1.0
         mlp = model.model.layers[layer].mlp
         for proj in (mlp.up_proj, mlp.gate_proj):
-            proj.weight[channel] = 0.0
+            proj.weight[channel] *= 0.1  # keep the row dense (as in real models), but quiet off-BOS
             proj.weight[channel, bos_dim] = gain
         mlp.down_proj.weight[hidden_dim, channel] = write
 
@@ -342,7 +343,17 @@ def weights_id(key: str) -> str:
     if spec.source == "hub":
         return (f"random-init:{spec.config_file}" if os.environ.get("REPRO_WEIGHTS") == "random"
                 else f"{spec.hub_id}@{spec.revision}")
-    return "in-process:seed1234"
+    return f"in-process:{_tiny_digest(key)}"
+
+
+@lru_cache(maxsize=None)
+def _tiny_digest(key: str) -> str:
+    """sha256 (16 hex) of an in-process model's weights, so caches follow any change to how it is built."""
+    h = hashlib.sha256()
+    for name, t in sorted(_build_tiny(key).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def encode(tok: PreTrainedTokenizerFast, key: str, text: str) -> torch.Tensor:

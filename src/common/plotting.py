@@ -134,3 +134,121 @@ def plot_circuit(frame) -> plt.Figure:
         ax.set_title(display_name(key))
         ax.set_xlabel("perplexity / intact")
     return fig
+
+
+ARM_ORDER = ("lora", "lora_macdrop", "dora", "dora_macdrop")
+ARM_COLORS = {"lora": PALETTE[0], "lora_macdrop": PALETTE[1], "dora": PALETTE[2], "dora_macdrop": PALETTE[3],
+              "pre-trained": (0.55, 0.55, 0.55)}
+
+
+def _arm_axis(ax: plt.Axes, frame, key: str, column: str, offset: float = 0.0, **style) -> list[str]:
+    """Per-seed points and the seed mean (bar) of ``column`` for every arm of ``key``; returns the arms."""
+    arms = [a for a in ARM_ORDER if a in frame.loc[key].index.get_level_values("arm")]
+    for i, arm in enumerate(arms):
+        values = frame.loc[(key, arm), column].astype(float).to_numpy()
+        ax.bar(i + offset, values.mean(), 0.38, color=ARM_COLORS[arm], **style)
+        ax.scatter(np.full(len(values), i + offset), values, color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(arms)), [a.replace("_", "+\n") for a in arms], fontsize="small")
+    return arms
+
+
+def plot_macdrop_table3(frame, base: dict[str, dict]) -> plt.Figure:
+    """HoC Table 3 analogue: held-out loss and zero-shot accuracy per arm (bars: mean over seeds; dots: seeds),
+    the pre-trained model as a dashed line, one row of panels per model."""
+    models = list(dict.fromkeys(frame.index.get_level_values("model")))
+    fig, axes = plt.subplots(len(models), 2, figsize=(8, 2.8 * len(models)), squeeze=False, layout="constrained")
+    for (ax_l, ax_a), key in zip(axes, models, strict=True):
+        _arm_axis(ax_l, frame, key, "loss")
+        ax_l.axhline(base[key]["loss"], color="grey", ls="--", lw=1, label="pre-trained")
+        ax_l.set_ylabel("held-out loss")
+        lo = frame.loc[key, "loss"].min()
+        ax_l.set_ylim(lo - 0.1 * (base[key]["loss"] - lo) - 0.02, base[key]["loss"] + 0.05)
+        ax_l.set_title(f"{display_name(key)}: held-out instruction loss", fontsize="small")
+        if frame.loc[key, "acc"].notna().any():
+            _arm_axis(ax_a, frame, key, "acc")
+            ax_a.axhline(base[key]["acc"]["acc"], color="grey", ls="--", lw=1)
+            ax_a.set_ylabel("zero-shot accuracy")
+            ax_a.set_title(f"{display_name(key)}: zero-shot (mean of tasks)", fontsize="small")
+        else:
+            ax_a.axis("off")
+            ax_a.text(0.5, 0.5, "zero-shot not run for this model\n(held-out loss only; CPU budget)",
+                      ha="center", va="center", fontsize="small", transform=ax_a.transAxes)
+    axes[0][0].legend(fontsize="small", loc="lower left")
+    return fig
+
+
+def plot_macdrop_table4(frame, base: dict[str, dict], k: int) -> plt.Figure:
+    """HoC Table 4 analogue: what zeroing the top-k massive rows costs each fine-tuned model. Left: loss
+    increase with the adapter unmerged (solid) and merged (hatched); right: accuracy intact vs attacked."""
+    models = [m for m in dict.fromkeys(frame.index.get_level_values("model")) if "loss_delta" in frame
+              and frame.loc[m, "loss_delta"].notna().any()]
+    fig, axes = plt.subplots(len(models), 2, figsize=(8, 2.8 * len(models)), squeeze=False, layout="constrained")
+    for (ax_l, ax_a), key in zip(axes, models, strict=True):
+        _arm_axis(ax_l, frame, key, "loss_delta", offset=-0.2)
+        _arm_axis(ax_l, frame, key, "loss_delta_merged", offset=0.2, hatch="//", alpha=0.5)
+        ax_l.axhline(base[key]["loss_zero"] - base[key]["loss"], color="grey", ls="--", lw=1, label="pre-trained")
+        ax_l.set_ylabel(f"loss increase, zero top-{k}")
+        ax_l.set_title(f"{display_name(key)}: solid unmerged, hatched merged", fontsize="small")
+        if frame.loc[key, "acc_zero"].notna().any():
+            _arm_axis(ax_a, frame, key, "acc", offset=-0.2, alpha=0.35)
+            _arm_axis(ax_a, frame, key, "acc_zero", offset=0.2)
+            ax_a.set_ylabel("zero-shot accuracy")
+            ax_a.set_title(f"{display_name(key)}: pale intact, solid zero top-{k}", fontsize="small")
+        else:
+            ax_a.axis("off")
+            ax_a.text(0.5, 0.5, "zero-shot not run for this model", ha="center", va="center", fontsize="small",
+                      transform=ax_a.transAxes)
+    axes[0][0].legend(fontsize="small")
+    return fig
+
+
+def plot_training(curves: dict[tuple[str, str], list[list[dict]]], schedules: dict[tuple[str, str], list[dict]]):
+    """Training loss per step (mean over seeds) per (model, arm), and MacDrop's p_t with the measured drop
+    rate of every step (proof that the masks were applied)."""
+    models = list(dict.fromkeys(k for k, _ in curves))
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.8 * (len(models) + 1), 3), squeeze=False,
+                             layout="constrained")
+    for ax, key in zip(axes[0], models, strict=False):
+        for (k, arm), runs in curves.items():
+            if k != key:
+                continue
+            steps = [e["step"] for e in runs[0]]
+            loss = np.mean([[e["loss"] for e in run] for run in runs], axis=0)
+            ax.plot(steps, loss, color=ARM_COLORS[arm], label=arm, lw=1)
+        ax.set_title(display_name(key), fontsize="small")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize="x-small")
+    ax = axes[0][-1]
+    for (key, arm), hist in schedules.items():
+        steps = [h["step"] for h in hist]
+        ax.plot(steps, [h["p"] for h in hist], color="black", lw=1)
+        ax.scatter(steps, [h["drop_rate"] for h in hist], s=6, color=ARM_COLORS[arm], label=f"{key} {arm}")
+    ax.set_title("MacDrop: p_t (line), measured drop rate (dots)", fontsize="small")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("drop probability")
+    ax.legend(fontsize="x-small")
+    return fig
+
+
+def plot_macdrop_grid(grid, baseline: dict) -> plt.Figure:
+    """HoC Table 5 (schedule x p0 heatmap of held-out loss and accuracy) and Fig. 6 (constant p per scope),
+    relative to plain LoRA (``baseline``: its ``loss`` and ``acc``)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), layout="constrained")
+    sched = grid[grid["kind"] != "constant"]
+    for ax, col, sign, label in ((axes[0], "loss", -1, "loss gain vs LoRA"), (axes[1], "acc", 1, "acc gain vs LoRA")):
+        table = sched.pivot_table(index="kind", columns="p0", values=col)
+        base = baseline["loss"] if col == "loss" else baseline["acc"]["acc"]
+        sns.heatmap(sign * (table - base), annot=True, fmt=".3f", center=0, cmap="vlag", ax=ax, cbar=False)
+        ax.set_title(f"Table 5: {label}", fontsize="small")
+        ax.set_xlabel("p0")
+        ax.set_ylabel("")
+    scope = grid[grid["kind"] == "constant"]
+    for j, (name, sub) in enumerate(scope.groupby("scope")):
+        sub = sub.sort_values("p0")
+        axes[2].plot(sub["p0"], baseline["loss"] - sub["loss"], marker="o", ms=3, color=PALETTE[j], label=name)
+    axes[2].axhline(0, color="grey", lw=0.8)
+    axes[2].set_title("Fig. 6: constant p, loss gain vs LoRA", fontsize="small")
+    axes[2].set_xlabel("p (constant)")
+    axes[2].legend(fontsize="small", title="rows dropped")
+    return fig

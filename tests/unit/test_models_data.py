@@ -355,13 +355,29 @@ def test_random_weights_from_shipped_config(tmp_path: Path, monkeypatch: pytest.
     assert models.weights_id("tiny-hub") == "x/y@abc"
 
 
-def test_weights_id_per_source() -> None:
-    """The manifest identity: GGUF sha256, pinned hub revision, or the in-process seed."""
+def test_weights_id_per_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest identity: GGUF sha256, pinned hub revision, or a digest of the in-process weights
+    (which follows any change to how the tiny model is built)."""
     spec = models.get_spec("smollm2-135m")
     assert models.weights_id("smollm2-135m") == f"sha256:{spec.gguf.sha256}"
     mistral = models.get_spec("mistral-7b")
     assert models.weights_id("mistral-7b") == f"{mistral.hub_id}@{mistral.revision}"
-    assert models.weights_id("tiny-llama") == "in-process:seed1234"
+    tiny = models.weights_id("tiny-llama")
+    assert tiny.startswith("in-process:") and tiny != models.weights_id("tiny-gpt2")
+    original = models._build_tiny
+
+    def changed(key: str):
+        model = original(key)
+        with torch.no_grad():
+            model.model.norm.weight.add_(1.0)
+        return model
+
+    models._tiny_digest.cache_clear()
+    monkeypatch.setattr(models, "_build_tiny", changed)
+    try:
+        assert models.weights_id("tiny-llama") != tiny
+    finally:
+        models._tiny_digest.cache_clear()
 
 
 def test_download_hub_pins_revision(monkeypatch: pytest.MonkeyPatch) -> None:
