@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -346,7 +346,7 @@ def weights_id(key: str) -> str:
     return f"in-process:{_tiny_digest(key)}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_digest(key: str) -> str:
     """sha256 (16 hex) of an in-process model's weights, so caches follow any change to how it is built."""
     h = hashlib.sha256()
