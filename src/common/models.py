@@ -277,7 +277,9 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
             raise ValueError(f"{spec.key} has no shipped config for REPRO_WEIGHTS=random; "
                              f"models with one: {', '.join(k for k, s in REGISTRY.items() if s.config_file)}")
         config = random_config(spec, int(os.environ.get("REPRO_RANDOM_SHRINK", "1")))
-        with torch.device(device()):
+        # the same random weights on every load (a fine-tuned adapter is re-attached to them later)
+        with torch.random.fork_rng(devices=[]), torch.device(device()):
+            torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model, byte_tokenizer()
     try:

@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from safetensors.torch import load_file
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from common import arch, data, finetune, massive, models
 from common.config import DETECTION_PROMPTS, cache_dir
@@ -62,13 +63,15 @@ def _ckpt_arg() -> str:
 
 
 def _trainer(model, tok, out, callbacks, max_steps: int, n: int = 8, checkpointing: bool = False, **kw) -> Trainer:
-    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps,
-                             gradient_accumulation_steps=2, per_device_train_batch_size=2, logging_steps=1,
+    kw = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, **kw}
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps, logging_steps=1,
                              save_strategy="no", disable_tqdm=True, remove_unused_columns=False, seed=0,
                              dataloader_num_workers=0, **{_ckpt_arg(): checkpointing}, **kw)
     pad = tok.pad_token_id
-    return Trainer(model=model, args=args, train_dataset=_train_set(tok, n), callbacks=callbacks,
-                   data_collator=lambda b: data.collate(b, pad))
+    trainer = Trainer(model=model, args=args, train_dataset=_train_set(tok, n), callbacks=callbacks,
+                      data_collator=lambda b: data.collate(b, pad))
+    trainer.remove_callback(PrinterCallback)  # keep the per-step log out of the test output
+    return trainer
 
 
 def _losses(trainer: Trainer) -> list[float]:
@@ -427,6 +430,46 @@ def test_callback_masks_each_micro_batch_and_restores_in_the_trainer(lora_llama,
         assert h["drop_rate"] == 0 if t == total else _binomial_ok(h["drop_rate"], p, n)
 
 
+def test_epoch_schedule_follows_the_trainers_epochs(lora_llama, tmp_path) -> None:
+    """Two epochs of 2 optimizer steps: epoch_before with p0 = 0.6 gives p = 0.6, 0.6, 0.3, 0.3 (the callback
+    reads T and E from the Trainer's state) and the measured drop rates follow."""
+    pm, tok, layer, chans = lora_llama
+    cb = MacDropCallback(pm, layer, chans, p0=0.6, schedule="epoch_before")
+    _trainer(pm, tok, tmp_path, [cb], max_steps=-1, num_train_epochs=2).train()
+    assert [h["step"] for h in cb.history] == [1, 2, 3, 4]
+    assert [h["p"] for h in cb.history] == pytest.approx([0.6, 0.6, 0.3, 0.3], abs=1e-12)
+    n = 2 * len(chans) * pm.config.hidden_size
+    assert all(_binomial_ok(h["drop_rate"], h["p"], n) for h in cb.history)
+
+
+def test_epoch_schedule_when_max_steps_ends_inside_an_epoch(lora_llama, tmp_path) -> None:
+    """4 optimizer steps per epoch, max_steps = 6 (the Trainer runs epoch 1 = steps 1-4, epoch 2 = steps 5-6):
+    epoch_before with p0 = 0.6 must give p0 for the 4 steps of epoch 1 and p0/2 for steps 5-6. The epochs the
+    Trainer reports (``state.epoch`` at each step's start) are recorded as the independent reference."""
+    pm, tok, layer, chans = lora_llama
+    cb = MacDropCallback(pm, layer, chans, p0=0.6, schedule="epoch_before")
+    epochs: list[float] = []
+
+    class Epochs(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            epochs.append(state.epoch)
+
+    trainer = _trainer(pm, tok, tmp_path, [cb, Epochs()], max_steps=6, gradient_accumulation_steps=1)
+    trainer.train()
+    assert trainer.state.num_train_epochs == 2
+    assert [math.floor(e) + 1 for e in epochs] == [1, 1, 1, 1, 2, 2]  # the Trainer's epoch of steps 1..6
+    assert [h["p"] for h in cb.history] == pytest.approx([0.6] * 4 + [0.3] * 2, abs=1e-12)
+
+
+def test_finetune_plain_lora_has_no_macdrop_history(tiny_llama) -> None:
+    """The plain ``lora`` arm needs no massive layer (layer=None is accepted) and records no MacDrop history."""
+    tok = tiny_llama[1]
+    settings = _settings(epochs=1, batch_size=2, grad_accum=1, max_len=MAX_LEN, save_steps=100)
+    result = finetune.finetune(KEY, finetune.ARMS["lora"], 0, settings, _train_set(tok, 4), None, [])
+    assert result.steps == 2 and [e["step"] for e in result.log] == [1, 2] and result.macdrop == []
+    assert (result.path / "COMPLETE").exists()
+
+
 def test_p0_zero_trains_exactly_like_no_callback(tiny_llama, tmp_path) -> None:
     """MacDrop with p0 = 0 is a no-op: same per-step losses as training without it (same seed); p0 = 0.8
     constant changes them (the comparison can tell)."""
@@ -632,6 +675,11 @@ def test_finetune_end_to_end_cache_and_resume(tiny_llama, monkeypatch) -> None:
     settings = _settings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_len=MAX_LEN, save_steps=2)
     arm = finetune.ARMS["lora_macdrop"]
     ended: list[int] = []
+    default_cache = cache_dir()
+    monkeypatch.setenv("REPRO_CACHE", str(default_cache.parent / "uninterrupted"))
+    reference = finetune.finetune(KEY, arm, 0, settings, train, layer, chans)
+    monkeypatch.setenv("REPRO_CACHE", str(default_cache))
+    assert cache_dir() == default_cache and not (default_cache / "finetune").exists()
 
     def stop_after_3(self, args, state, control, **kwargs):
         ended.append(state.global_step)
@@ -662,6 +710,13 @@ def test_finetune_end_to_end_cache_and_resume(tiny_llama, monkeypatch) -> None:
     for h in result.macdrop:
         assert h["p"] == pytest.approx(0.8 * (1 - h["step"] / 4), abs=1e-12)
     assert (result.path / "COMPLETE").exists() and not works[0].exists()
+    # the resumed run is the uninterrupted run: same masks (seeded by step), losses and adapter
+    assert result.macdrop == reference.macdrop and result.steps == reference.steps
+    assert [e["loss"] for e in result.log] == pytest.approx([e["loss"] for e in reference.log], rel=1e-5)
+    got, want = (load_file(r.path / "adapter_model.safetensors") for r in (result, reference))
+    assert set(got) == set(want) and any(float(v.abs().sum()) > 0 for k, v in got.items() if "lora_B" in k)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
     def no_training(*a, **k):
         raise AssertionError("a cached run must not train again")

@@ -1,0 +1,41 @@
+"""MacDrop's cost per training step (issue 5 §3: <= 5% over the same LoRA step). SmolLM2-135M with LoRA
+r16 on all linear layers, one micro-batch of 8 wiki instruction pairs: forward + backward, against the same
+plus what ``MacDropCallback`` adds per micro-batch (draw the k x d mask, mask up and gate, restore). Both
+sides interleaved in one process."""
+
+from common_bench import interleaved, save
+
+from common import config, data, finetune, massive, models
+from common.macdrop import MacDrop
+
+KEY = "smollm2-135m"
+
+
+def main() -> None:
+    model, tok = models.load_model(KEY)
+    layer, channels = massive.massive_weights(model, [models.encode(tok, KEY, p) for p in config.DETECTION_PROMPTS])
+    model = finetune.peft_model(model, finetune.ARMS["lora"], config.TrainSettings()).train()
+    pairs = data.instruction_pairs("wiki", "train", 8, seed=0)
+    batch = data.collate(data.tokenize_pairs(tok, KEY, pairs, 96), data.pad_id(tok))
+    md = MacDrop(model, layer, channels)
+
+    def lora_step():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def macdrop_step():
+        md.apply(md.mask(0.8, step=1))
+        try:
+            lora_step()
+        finally:
+            md.restore()
+
+    times = interleaved({"lora": lora_step, "lora_macdrop": macdrop_step}, repeats=7)
+    ratio = times["lora_macdrop"] / times["lora"]
+    print(f"MacDrop step / LoRA step = {ratio:.3f}")
+    print("->", save("macdrop_step", {"model": KEY, "tokens": list(batch["input_ids"].shape), "seconds": times,
+                                      "ratios": {"macdrop_step_over_lora_step": ratio}, "target": "<= 1.05"}))
+
+
+if __name__ == "__main__":
+    main()
