@@ -73,11 +73,15 @@ class Schedule:
         """The Exp decay rate used at ``total_steps`` (the paper's alpha T when ``alpha`` is None)."""
         return self.alpha if self.alpha is not None else PAPER_EXP_ALPHA * PAPER_T / total_steps
 
-    def p(self, step: int, total_steps: int, n_epochs: int = 1) -> float:
-        """p_t at optimizer step ``step`` (1-based) of ``total_steps``, training for ``n_epochs`` epochs."""
+    def p(self, step: int, total_steps: int, n_epochs: int = 1, epoch: int | None = None) -> float:
+        """p_t at optimizer step ``step`` (1-based) of ``total_steps``, training for ``n_epochs`` epochs;
+        ``epoch`` (1-based) is the epoch the step belongs to, by default spread evenly over the steps (the
+        callback passes the Trainer's own, which differs when ``max_steps`` ends inside an epoch)."""
         if not 1 <= step <= total_steps:
             raise ValueError(f"step {step} is outside 1..{total_steps}")
-        epoch = min(n_epochs, (step - 1) * n_epochs // total_steps + 1)
+        if epoch is None:
+            epoch = (step - 1) * n_epochs // total_steps + 1
+        epoch = min(n_epochs, epoch)
         if self.kind == "step":
             return self.p0 * (1 - step / total_steps)
         if self.kind == "exp":
@@ -207,7 +211,9 @@ class MacDropCallback(TrainerCallback):
 
     def _mask(self, args, state) -> None:
         step = state.global_step + 1
-        p = self.schedule.p(step, state.max_steps, max(1, math.ceil(state.num_train_epochs)))
+        # state.epoch is the epoch progress before this step (exactly k at the start of epoch k + 1)
+        p = self.schedule.p(step, state.max_steps, max(1, math.ceil(state.num_train_epochs)),
+                            epoch=math.floor(state.epoch or 0) + 1)
         keep = self.macdrop.mask(p, step, len(self._log.drops), self._rank)
         self._log.p = p
         self._log.drops.append(self.macdrop.apply(keep))

@@ -23,6 +23,16 @@ MAX_LEN = 128  # the byte tokenizer spends ~90 tokens on the Alpaca prompt of a 
 Z999 = 3.2905  # two-sided 99.9% normal quantile
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train as fast on one thread, and a second busy process on a 2-core box then costs
+    nothing (two OpenMP threads competing with it make the Trainer tests 10-20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _binomial_ok(rate: float, prob: float, n: int) -> bool:
     """``rate`` (a mean of n Bernoulli(prob) draws) lies inside the 99.9% normal-approximation interval."""
     return abs(rate - prob) <= Z999 * math.sqrt(prob * (1 - prob) / n) + 1e-12
@@ -214,7 +224,7 @@ def test_apply_multiplies_the_same_mask_into_up_and_gate_without_rescaling(tiny_
     model, _ = tiny_llama
     pm = _peft(model)
     chans = [PLANT["channel"], 101, 2, 109, 179]
-    with torch.no_grad():  # give the planted row non-zero entries so every dropped entry shows as a 0
+    with torch.no_grad():  # no exact zeros in the planted row, so every dropped entry shows as a 0
         for lin in _updown(pm, 1).values():
             row = lin.weight[PLANT["channel"]]
             row[row == 0] = 0.01
@@ -364,8 +374,8 @@ class _Checker(TrainerCallback):
 
 @pytest.fixture
 def lora_llama(tiny_llama):
-    """tiny-llama wrapped in LoRA, its detected massive layer/channels, and non-zero entries planted in the
-    planted row's zeros (so every dropped entry of the massive rows is visible as an exact 0)."""
+    """tiny-llama wrapped in LoRA, its detected massive layer/channels, with any exact zeros of those rows
+    replaced by 0.01 (so every dropped entry of the massive rows is visible as an exact 0)."""
     model, tok = tiny_llama
     layer, chans = _detect(model, tok)
     pm = _peft(model)
@@ -604,6 +614,29 @@ def test_refuses_non_float_weight(frozen_llama) -> None:
     up.weight = torch.nn.Parameter(torch.zeros(up.weight.shape, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="floating-point"):
         MacDrop(model, 1, [37])
+
+
+def test_dora_refuses_a_fully_dropped_row(tiny_llama) -> None:
+    """Under DoRA a fully dropped row would make the weight norm 0 and the output NaN (shown by zeroing a row by
+    hand), so ``apply`` refuses an all-zero mask row; LoRA accepts it, and DoRA accepts a partial mask."""
+    model, tok = tiny_llama
+    pm = _peft(model, "dora_macdrop").eval()
+    ids = models.encode(tok, KEY, "Summer is warm.")
+    up = arch.mlp(pm, 1).up_proj.base_layer
+    saved = up.weight[5].detach().clone()
+    with torch.no_grad():
+        up.weight[5] = 0
+        assert torch.isnan(pm(input_ids=ids).logits).any()
+        up.weight[5] = saved
+    md = MacDrop(pm, 1, [5, 6])
+    with pytest.raises(ValueError, match="DoRA"):
+        md.apply(md.mask(1.0, 1))
+    assert not md.active and torch.equal(up.weight[5], saved)
+    md.apply(md.mask(0.5, 1))
+    md.restore()
+    lora = MacDrop(_peft(models.load_model(KEY)[0]), 1, [5, 6])
+    assert lora.apply(lora.mask(1.0, 1)) == 1.0
+    lora.restore()
 
 
 def test_finetune_macdrop_arm_needs_a_layer_and_arm_scope_is_checked(tiny_llama) -> None:

@@ -91,20 +91,22 @@ def test_load_tiny_dtype_argument() -> None:
 
 
 def test_tiny_llama_has_planted_values(tiny_llama) -> None:
-    """BOS alone carries ``bos_dim``; the planted up/gate rows read only that dim with the gain; down_proj
-    writes the planted channel into the planted hidden dim. tiny-gpt2 differs (no such structure)."""
+    """BOS alone carries ``bos_dim``; the planted up/gate rows read that dim with the gain and stay dense
+    but quiet elsewhere (a tenth of a random row, as in real models); down_proj writes the planted channel
+    into the planted hidden dim. Other layers are untouched random init."""
     model, tok = tiny_llama
     emb = model.model.embed_tokens.weight.detach()
     expected_col = torch.zeros(emb.shape[0])
     expected_col[tok.bos_token_id] = 1.0
     assert torch.equal(emb[:, PLANT["bos_dim"]], expected_col)
     mlp = model.model.layers[PLANT["layer"]].mlp
-    row = torch.zeros(model.config.hidden_size)
-    row[PLANT["bos_dim"]] = 6.0
+    typical = mlp.up_proj.weight.detach().abs().mean()
     for proj in (mlp.up_proj, mlp.gate_proj):
-        assert torch.equal(proj.weight.detach()[PLANT["channel"]], row)
+        row = proj.weight.detach()[PLANT["channel"]]
+        assert float(row[PLANT["bos_dim"]]) == 6.0
+        rest = torch.cat([row[:PLANT["bos_dim"]], row[PLANT["bos_dim"] + 1:]])
+        assert (rest != 0).all() and rest.abs().mean() < 0.3 * typical
     assert float(mlp.down_proj.weight.detach()[PLANT["hidden_dim"], PLANT["channel"]]) == 3.0
-    # other layers are untouched random init
     other = model.model.layers[0].mlp.up_proj.weight.detach()[PLANT["channel"]]
     assert (other != 0).sum() > model.config.hidden_size // 2
 
@@ -112,14 +114,18 @@ def test_tiny_llama_has_planted_values(tiny_llama) -> None:
 def test_plant_massive_weight_on_any_llama(make_tiny) -> None:
     """``plant_massive_weight`` writes the circuit at the requested place with the requested gain/write."""
     model = make_tiny("llama")
+    mlp = model.model.layers[0].mlp
+    before = {name: getattr(mlp, name).weight.detach().clone() for name in ("up_proj", "gate_proj")}
     models.plant_massive_weight(model, layer=0, channel=4, hidden_dim=7, bos_dim=2, gain=2.5, write=-1.5)
     emb = model.model.embed_tokens.weight.detach()
     assert float(emb[model.config.bos_token_id, 2]) == 1.0
     assert float(emb[:, 2].abs().sum()) == 1.0
-    mlp = model.model.layers[0].mlp
-    for proj in (mlp.up_proj, mlp.gate_proj):
-        w = proj.weight.detach()
-        assert float(w[4, 2]) == 2.5 and float(w[4].abs().sum()) == 2.5
+    for name, old in before.items():
+        w = getattr(mlp, name).weight.detach()
+        assert float(w[4, 2]) == 2.5
+        expected = 0.1 * old[4]
+        expected[2] = 2.5
+        assert torch.allclose(w[4], expected) and torch.equal(w[5:], old[5:])  # only the planted row changes
     assert float(mlp.down_proj.weight.detach()[7, 4]) == -1.5
 
 
