@@ -185,3 +185,6 @@ def record_effects(key: str, plain: str, effects: dict[str, dict]) -> None:
             continue
         record(f"{key}/macdrop/effect/{plain}/{name}", eff["mean"], ci95=eff["ci95"],
                note=f"{notes[name]}; paired over {eff['n']} seed(s): {[round(v, 4) for v in eff['values']]}")
+        if eff["ci95"] is not None:
+            record(f"{key}/macdrop/effect/{plain}/{name}_ci_low", eff["ci95"][0],
+                   note="lower end of the paired 95% t-interval: > 0 means the seeds support the effect")

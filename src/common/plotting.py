@@ -141,12 +141,23 @@ ARM_COLORS = {"lora": PALETTE[0], "lora_macdrop": PALETTE[1], "dora": PALETTE[2]
               "pre-trained": (0.55, 0.55, 0.55)}
 
 
-def _arm_axis(ax: plt.Axes, frame, key: str, column: str, offset: float = 0.0, **style) -> list[str]:
-    """Per-seed points and the seed mean (bar) of ``column`` for every arm of ``key``; returns the arms."""
+def _models_in(frame) -> list[str]:
+    """The frame's models in registry order (the suite's fixed order)."""
+    present = set(frame.index.get_level_values("model"))
+    return [m for m in REGISTRY if m in present]
+
+
+def _arm_axis(ax: plt.Axes, frame, key: str, column: str, offset: float = 0.0, bars: bool = True,
+              **style) -> list[str]:
+    """Per-seed points and the seed mean (a bar, or a dash when ``bars`` is False, for quantities whose zero
+    is not meaningful) of ``column`` for every arm of ``key``; returns the arms."""
     arms = [a for a in ARM_ORDER if a in frame.loc[key].index.get_level_values("arm")]
     for i, arm in enumerate(arms):
         values = frame.loc[(key, arm), column].astype(float).to_numpy()
-        ax.bar(i + offset, values.mean(), 0.38, color=ARM_COLORS[arm], **style)
+        if bars:
+            ax.bar(i + offset, values.mean(), 0.38, color=ARM_COLORS[arm], **style)
+        else:
+            ax.hlines(values.mean(), i + offset - 0.25, i + offset + 0.25, color=ARM_COLORS[arm], lw=3)
         ax.scatter(np.full(len(values), i + offset), values, color="black", s=8, zorder=3)
     ax.set_xticks(range(len(arms)), [a.replace("_", "+\n") for a in arms], fontsize="small")
     return arms
@@ -155,33 +166,30 @@ def _arm_axis(ax: plt.Axes, frame, key: str, column: str, offset: float = 0.0, *
 def plot_macdrop_table3(frame, base: dict[str, dict]) -> plt.Figure:
     """HoC Table 3 analogue: held-out loss and zero-shot accuracy per arm (bars: mean over seeds; dots: seeds),
     the pre-trained model as a dashed line, one row of panels per model."""
-    models = list(dict.fromkeys(frame.index.get_level_values("model")))
+    models = _models_in(frame)
     fig, axes = plt.subplots(len(models), 2, figsize=(8, 2.8 * len(models)), squeeze=False, layout="constrained")
     for (ax_l, ax_a), key in zip(axes, models, strict=True):
-        _arm_axis(ax_l, frame, key, "loss")
-        ax_l.axhline(base[key]["loss"], color="grey", ls="--", lw=1, label="pre-trained")
+        _arm_axis(ax_l, frame, key, "loss", bars=False)
         ax_l.set_ylabel("held-out loss")
-        lo = frame.loc[key, "loss"].min()
-        ax_l.set_ylim(lo - 0.1 * (base[key]["loss"] - lo) - 0.02, base[key]["loss"] + 0.05)
-        ax_l.set_title(f"{display_name(key)}: held-out instruction loss", fontsize="small")
+        ax_l.set_title(f"{display_name(key)}: held-out loss (pre-trained {base[key]['loss']:.2f})",
+                       fontsize="small")
         if frame.loc[key, "acc"].notna().any():
             _arm_axis(ax_a, frame, key, "acc")
-            ax_a.axhline(base[key]["acc"]["acc"], color="grey", ls="--", lw=1)
+            ax_a.axhline(base[key]["acc"]["acc"], color="grey", ls="--", lw=1, label="pre-trained")
+            ax_a.legend(fontsize="small", loc="lower left")
             ax_a.set_ylabel("zero-shot accuracy")
             ax_a.set_title(f"{display_name(key)}: zero-shot (mean of tasks)", fontsize="small")
         else:
             ax_a.axis("off")
             ax_a.text(0.5, 0.5, "zero-shot not run for this model\n(held-out loss only; CPU budget)",
                       ha="center", va="center", fontsize="small", transform=ax_a.transAxes)
-    axes[0][0].legend(fontsize="small", loc="lower left")
     return fig
 
 
 def plot_macdrop_table4(frame, base: dict[str, dict], k: int) -> plt.Figure:
     """HoC Table 4 analogue: what zeroing the top-k massive rows costs each fine-tuned model. Left: loss
     increase with the adapter unmerged (solid) and merged (hatched); right: accuracy intact vs attacked."""
-    models = [m for m in dict.fromkeys(frame.index.get_level_values("model")) if "loss_delta" in frame
-              and frame.loc[m, "loss_delta"].notna().any()]
+    models = [m for m in _models_in(frame) if "loss_delta" in frame and frame.loc[m, "loss_delta"].notna().any()]
     fig, axes = plt.subplots(len(models), 2, figsize=(8, 2.8 * len(models)), squeeze=False, layout="constrained")
     for (ax_l, ax_a), key in zip(axes, models, strict=True):
         _arm_axis(ax_l, frame, key, "loss_delta", offset=-0.2)
@@ -205,7 +213,7 @@ def plot_macdrop_table4(frame, base: dict[str, dict], k: int) -> plt.Figure:
 def plot_training(curves: dict[tuple[str, str], list[list[dict]]], schedules: dict[tuple[str, str], list[dict]]):
     """Training loss per step (mean over seeds) per (model, arm), and MacDrop's p_t with the measured drop
     rate of every step (proof that the masks were applied)."""
-    models = list(dict.fromkeys(k for k, _ in curves))
+    models = [m for m in REGISTRY if any(k == m for k, _ in curves)]
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.8 * (len(models) + 1), 3), squeeze=False,
                              layout="constrained")
     for ax, key in zip(axes[0], models, strict=False):
