@@ -245,6 +245,10 @@ def plot_macdrop_grid(grid, baseline: dict) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), layout="constrained")
     sched = grid[grid["kind"] != "constant"]
     for ax, col, sign, label in ((axes[0], "loss", -1, "loss gain vs LoRA"), (axes[1], "acc", 1, "acc gain vs LoRA")):
+        if col == "acc" and not baseline.get("acc"):
+            ax.axis("off")
+            ax.text(0.5, 0.5, "zero-shot not run for the grid", ha="center", va="center", transform=ax.transAxes)
+            continue
         table = sched.pivot_table(index="kind", columns="p0", values=col)
         base = baseline["loss"] if col == "loss" else baseline["acc"]["acc"]
         sns.heatmap(sign * (table - base), annot=True, fmt=".3f", center=0, cmap="vlag", ax=ax, cbar=False)
