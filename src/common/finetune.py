@@ -155,10 +155,10 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
     set_seed(seed)
     model, tok = models.load_model(key)
     model = peft_model(model, arm, settings)
-    callbacks = []
+    macdrop = None
     if arm.schedule is not None:
         chans = scope_channels(arm, channels, arch.intermediate_size(model, layer))
-        callbacks.append(MacDropCallback(model, layer, chans, schedule=arm.schedule, seed=seed))
+        macdrop = MacDropCallback(model, layer, chans, schedule=arm.schedule, seed=seed)
     pad = pad_id(tok)
     args = TrainingArguments(
         output_dir=str(work), seed=seed, data_seed=seed, learning_rate=settings.lr,
@@ -169,24 +169,24 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
         save_steps=settings.save_steps, save_total_limit=1, report_to=[], disable_tqdm=True,
         bf16=settings.bf16, **_checkpointing(settings.gradient_checkpointing),
         use_cpu=device().type == "cpu", dataloader_num_workers=0, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=callbacks,
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[macdrop] if macdrop else [],
                       data_collator=lambda b: collate(b, pad))
     trainer.remove_callback(PrinterCallback)  # the per-step log goes to FineTune.log, not to stdout
     resume = _last_checkpoint(work)
-    if resume is not None and callbacks:
-        callbacks[0].resume(resume)
+    if resume is not None and macdrop:
+        macdrop.resume(resume)
     start = time.perf_counter()
     try:
         with _quiet_peft():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
-        for cb in callbacks:
-            cb.restore()
+        if macdrop:
+            macdrop.restore()
     seconds = time.perf_counter() - start
     model.save_pretrained(work / "adapter")
     log = [{k: v for k, v in e.items() if k in ("step", "loss", "learning_rate", "grad_norm")}
            for e in trainer.state.log_history if "loss" in e]
-    return FineTune(work / "adapter", log, callbacks[0].history if callbacks else [], seconds,
+    return FineTune(work / "adapter", log, macdrop.history if macdrop else [], seconds,
                     trainer.state.global_step)
 
 
@@ -197,7 +197,6 @@ def load_tuned(key: str, tuned: FineTune) -> tuple[nn.Module, object]:
     model, tok = models.load_model(key)
     with _quiet_peft():
         return PeftModel.from_pretrained(model, str(tuned.path)).eval(), tok
-
 
 
 def grid_arms(kinds: tuple[str, ...], p0s: tuple[float, ...], scope_ps: tuple[float, ...]) -> dict[str, Arm]:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from common import arch
+from common import arch, massive
 from common.manifest import write_json_atomic
 
 SCHEDULES = ("step", "exp", "epoch_before", "epoch_after", "constant")
@@ -134,12 +134,10 @@ class MacDrop:
             raise ValueError(f"massive layer {layer} is outside the model's {n_layers} layers; detect it with "
                              "massive.massive_weights on the pre-trained model")
         width = arch.intermediate_size(model, layer)
-        idx = torch.as_tensor(list(channels), dtype=torch.long)
-        if len(idx) == 0 or len(idx) > width or len(set(idx.tolist())) != len(idx):
+        if not 0 < len(channels) <= width or len(set(channels)) != len(channels):
             raise ValueError(f"MacDrop needs 1..{width} distinct channels (k larger than the layer's "
-                             f"intermediate size {width}?), got {len(idx)}")
-        if idx.min() < 0 or idx.max() >= width:
-            raise ValueError(f"channel indices must lie in [0, {width}) at layer {layer}")
+                             f"intermediate size {width}?), got {len(channels)}")
+        idx = massive.channel_index(model, layer, channels)
         _check_reachable(model, layer)
         self.blocks = arch.ffn_input_blocks(model, layer)
         for b in self.blocks:
@@ -209,7 +207,7 @@ class MacDropCallback(TrainerCallback):
         self._log = _StepLog()
         self._rank = 0
 
-    def _mask(self, args, state) -> None:
+    def _mask(self, state) -> None:
         step = state.global_step + 1
         # state.epoch is the epoch progress before this step (exactly k at the start of epoch k + 1)
         p = self.schedule.p(step, state.max_steps, max(1, math.ceil(state.num_train_epochs)),
@@ -225,11 +223,11 @@ class MacDropCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._log = _StepLog()
-        self._mask(args, state)
+        self._mask(state)
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.macdrop.restore()
-        self._mask(args, state)
+        self._mask(state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.macdrop.restore()

@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from common import evaluation, massive, models
-from common.cache import cached
+from common.cache import cached, tensor_digest
 from common.finetune import FineTune, load_tuned
 from common.manifest import record
 
@@ -51,8 +51,6 @@ def evaluate(key: str, tuned: FineTune | None, layer: int | None, channels: list
 
     Returns ``{"loss", "acc", "tasks"}`` and, when the model has a massive layer, ``loss_zero``,
     ``loss_zero_merged``, ``acc_zero`` (accuracy entries are ``evaluation.average_accuracy`` dicts)."""
-    from common.cache import tensor_digest
-
     val_digest = tensor_digest(torch.tensor([t for ex in spec.val for t in ex["input_ids"]]))
     cache_key = {"weights": models.weights_id(key), "adapter": tuned.path.name if tuned else None,
                  "layer": layer, "channels": channels[:spec.k_attack], "val": val_digest, "n_val": len(spec.val),

@@ -322,6 +322,15 @@ def _channel_slices(model: torch.nn.Module, layer: int, channels: torch.Tensor) 
     return slices
 
 
+def channel_index(model: torch.nn.Module, layer: int, channels: list[int]) -> torch.Tensor:
+    """``channels`` as a long tensor, or a ValueError when one lies outside the layer's intermediate size."""
+    width = arch.intermediate_size(model, layer)
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    if len(idx) and (idx.min() < 0 or idx.max() >= width):
+        raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
+    return idx
+
+
 @contextmanager
 def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]]) -> Iterator[None]:
     """Zero the up/gate rows (fused gate_up halves; GPT-2 c_fc columns and bias) of the given intermediate
@@ -329,11 +338,7 @@ def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]
     zeroing the matching down_proj columns)."""
     slices = []
     for layer, channels in channels_by_layer.items():
-        width = arch.intermediate_size(model, layer)
-        idx = torch.as_tensor(list(channels), dtype=torch.long)
-        if len(idx) and (idx.min() < 0 or idx.max() >= width):
-            raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
-        slices += _channel_slices(model, layer, idx)
+        slices += _channel_slices(model, layer, channel_index(model, layer, channels))
     with _patched(slices):
         yield
 
@@ -346,10 +351,7 @@ def silence_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[i
     handles = []
     try:
         for layer, channels in channels_by_layer.items():
-            width = arch.intermediate_size(model, layer)
-            idx = torch.as_tensor(list(channels), dtype=torch.long)
-            if len(idx) and (idx.min() < 0 or idx.max() >= width):
-                raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
+            idx = channel_index(model, layer, channels)
 
             def hook(_module, args, idx=idx):
                 x = args[0].clone()
