@@ -120,11 +120,10 @@ def _first_sentence(text: str) -> str | None:
 
 
 def _wiki_instructions(split: str) -> list[dict]:
-    want = 1 if split == "val" else None
     pairs = []
     for a in wiki_split("train"):
         bucket = int(hashlib.sha1(a["title"].encode("utf-8")).hexdigest(), 16) % INSTRUCT_VAL_MOD
-        if (bucket == 1) != (want == 1):
+        if (bucket == 1) != (split == "val"):
             continue
         title = " ".join(a["title"].split())
         if desc := " ".join((a.get("description") or "").split()):

@@ -163,6 +163,12 @@ def _arm_axis(ax: plt.Axes, frame, key: str, column: str, offset: float = 0.0, b
     return arms
 
 
+def _blank(ax: plt.Axes, text: str) -> None:
+    """A panel with nothing to show: no axes, one line saying why."""
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize="small", transform=ax.transAxes)
+
+
 def plot_macdrop_table3(frame, base: dict[str, dict]) -> plt.Figure:
     """HoC Table 3 analogue: held-out loss and zero-shot accuracy per arm (bars: mean over seeds; dots: seeds),
     the pre-trained model as a dashed line, one row of panels per model."""
@@ -180,9 +186,7 @@ def plot_macdrop_table3(frame, base: dict[str, dict]) -> plt.Figure:
             ax_a.set_ylabel("zero-shot accuracy")
             ax_a.set_title(f"{display_name(key)}: zero-shot (mean of tasks)", fontsize="small")
         else:
-            ax_a.axis("off")
-            ax_a.text(0.5, 0.5, "zero-shot not run for this model\n(held-out loss only; CPU budget)",
-                      ha="center", va="center", fontsize="small", transform=ax_a.transAxes)
+            _blank(ax_a, "zero-shot not run for this model\n(held-out loss only; CPU budget)")
     return fig
 
 
@@ -203,9 +207,7 @@ def plot_macdrop_table4(frame, base: dict[str, dict], k: int) -> plt.Figure:
             ax_a.set_ylabel("zero-shot accuracy")
             ax_a.set_title(f"{display_name(key)}: pale intact, solid zero top-{k}", fontsize="small")
         else:
-            ax_a.axis("off")
-            ax_a.text(0.5, 0.5, "zero-shot not run for this model", ha="center", va="center", fontsize="small",
-                      transform=ax_a.transAxes)
+            _blank(ax_a, "zero-shot not run for this model")
     axes[0][0].legend(fontsize="small")
     return fig
 
@@ -246,8 +248,7 @@ def plot_macdrop_grid(grid, baseline: dict) -> plt.Figure:
     sched = grid[grid["kind"] != "constant"]
     for ax, col, sign, label in ((axes[0], "loss", -1, "loss gain vs LoRA"), (axes[1], "acc", 1, "acc gain vs LoRA")):
         if col == "acc" and not baseline.get("acc"):
-            ax.axis("off")
-            ax.text(0.5, 0.5, "zero-shot not run for the grid", ha="center", va="center", transform=ax.transAxes)
+            _blank(ax, "zero-shot not run for the grid")
             continue
         table = sched.pivot_table(index="kind", columns="p0", values=col)
         base = baseline["loss"] if col == "loss" else baseline["acc"]["acc"]
