@@ -48,6 +48,8 @@ FAMILIES: dict[str, Arch] = {
     "gemma3_text": _GEMMA_POST,
     "phi3": Arch("model", "layers", "self_attn", "mlp", "", "", "down_proj", gate_up="gate_up_proj"),
     "gpt2": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj", conv1d=True),
+    # the compact GPT Inheritune trains (common.gpt): GPT-2 names, nn.Linear storage
+    "nanogpt": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj"),
 }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import REPO_ROOT
+from common.gpt import GPTConfig
 
 PROFILE_NAMES = ("smoke", "small", "paper")
 
@@ -130,6 +131,46 @@ class MacDropConfig(NotebookConfig):
     scope_ps: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95)
 
 
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Training recipe of the GPTs Inheritune trains from scratch (inheritune.md §2.4, App. F.2): AdamW
+    (0.9, 0.95), weight decay 0.1, linear warmup then cosine to ``min_lr_ratio`` x ``lr``, clip 1.0; a step is
+    ``grad_accum`` micro-batches of ``batch_size`` windows; ``n_val`` fixed validation windows (D9)."""
+
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 60
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    ckpt_interval: int = 100
+    n_val: int = 128
+    bf16: bool = False  # bf16 autocast (GPU)
+
+
+@dataclass(frozen=True)
+class InherituneConfig(CorpusConfig):
+    """Notebook 04. Part 1 (Inheritune §2, Fig. 1/10/14): attention metrics of ``models`` on ``n_windows``
+    windows of ``window_len`` (T) tokens. Part 2 (Alg. 1, Tables 4-5, Fig. 3): a ``reference`` GPT trained on
+    ``train_corpus`` with ``tokenizer``, then targets of ``reference.n_layer // 2`` layers."""
+
+    tau: float = 0.9
+    eta: float = 0.9
+    taus: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95)  # Fig. 10's sweep
+    example_model: str = ""  # whose early and lazy attention maps are drawn (Fig. 9)
+    tokenizer: str = "byte"
+    train_corpus: str = "wiki"
+    reference: GPTConfig = GPTConfig()
+    train: PretrainSettings = PretrainSettings()
+    growth_step: int = 2
+    max_rounds: int = 2
+    n_analysis: int = 32  # validation windows the self-trained GPTs' attention is measured on
+
+
 # Fine-tuning on the small profile: ~36 optimizer steps per run on 2 CPU cores, so the learning rate is 10x
 # the paper's (which trains 579 steps); recorded. The DoRA pair runs 3 seeds although that takes the
 # notebook past its 30-minute budget (about 40 minutes cold): with one seed its Table 4 reading flips sign.
@@ -149,6 +190,12 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             corpus="synthetic", n_train=16, n_val=8, settings=_SMOKE_TRAIN, tasks=("commonsense",), n_items=8,
             batch_size=4, full_grid=True, grid_model="tiny-llama", grid_settings=_SMOKE_TRAIN, grid_p0s=(1.0,),
             scope_ps=(0.5,)),
+        "04_attention_degeneration_inheritune": InherituneConfig(
+            models=("tiny-llama", "tiny-gpt2"), corpus="synthetic", n_windows=4, window_len=32, batch_size=4,
+            taus=(0.8, 0.9), example_model="tiny-llama", train_corpus="synthetic",
+            reference=GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=32),
+            train=PretrainSettings(steps=30, batch_size=8, lr=3e-3, warmup=5, eval_interval=10, n_val=16),
+            max_rounds=1, n_analysis=8),
     },
     "small": {
         "01_massive_activation_origin": MassiveOriginConfig(
@@ -166,6 +213,12 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             tasks=("wiki_mc", "wiki_topic", "wiki_cloze", "commonsense"), n_items=20, loss_only=("gemma3-270m",),
             grid_model="smollm2-135m", grid_settings=replace(_SMALL_TRAIN, epochs=2),
             grid_tasks=("wiki_mc", "wiki_topic", "wiki_cloze", "commonsense")),
+        # a byte-level 8-layer GPT on the wiki train split: ~600 steps of 16 x 128 bytes fit the CPU budget
+        "04_attention_degeneration_inheritune": InherituneConfig(
+            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=32, window_len=100,
+            batch_size=8, example_model="smollm2-135m",
+            reference=GPTConfig(n_layer=8, n_head=4, n_embd=128, block_size=128),
+            train=PretrainSettings(steps=600, batch_size=16, lr=2e-3, warmup=60, eval_interval=50)),
     },
     "paper": {
         # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; until the paper data ships (issue 9) the
@@ -190,6 +243,17 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             full_grid=True, grid_model="llama-3-8b",
             grid_settings=TrainSettings(grad_accum=32, gradient_checkpointing=True, bf16=True),
             grid_tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande")),
+        # Inheritune §2 / App. F.2: the OpenAI GPT-2 checkpoints (not the paper's self-trained models) on
+        # N = 100 windows of T = 100 tokens, and the paper's GPT-2 medium recipe: 24 layers, d 1024, 16 heads,
+        # context 1024, GPT-2 BPE padded to 50,304, 394K tokens per step (12 x 1024 x 32), lr 3e-4 -> 1e-5,
+        # 2K warmup, 100K steps, bf16, scaled attention logits; Inheritune target 12 layers, +2 per round.
+        "04_attention_degeneration_inheritune": InherituneConfig(
+            models=("gpt2-medium", "gpt2-large"), corpus="openwebtext", n_windows=100, window_len=100,
+            batch_size=10, example_model="gpt2-medium", tokenizer="gpt2", train_corpus="openwebtext",
+            reference=GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
+            train=PretrainSettings(steps=100_000, batch_size=12, grad_accum=32, lr=3e-4, min_lr_ratio=1e-5 / 3e-4,
+                                   warmup=2000, eval_interval=1000, ckpt_interval=1000, n_val=400, bf16=True),
+            max_rounds=3, n_analysis=100),
     },
 }
 

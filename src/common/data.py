@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import random
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.models import get_spec
@@ -74,13 +76,60 @@ def synthetic_text(n_sentences: int = 400, seed: int = 0) -> str:
                     for _ in range(n_sentences))
 
 
+#: OpenWebText as nanoGPT splits it (Inheritune's data, research inheritune.md §1.4): 0.05% held out, seed 2357.
+OPENWEBTEXT = "Skylion007/openwebtext"
+
+
+def _openwebtext(split: str) -> list[str]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(OPENWEBTEXT, split="train")
+    except Exception as err:  # datasets raises several types when offline and not cached
+        raise FileNotFoundError(f"{OPENWEBTEXT} is not in the local datasets cache; run `make models PROFILE=paper` "
+                                "on a machine with hub access, or set REPRO_WEIGHTS=random for a dry run") from err
+    parts = rows.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    return list(parts["test" if split == "heldout" else "train"]["text"])
+
+
 def corpus_texts(corpus: str, split: str = "heldout") -> list[str]:
-    """Documents of a corpus, in a fixed order."""
+    """Documents of a corpus, in a fixed order. Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2)
+    the paper corpus ``openwebtext`` is replaced by the ``small`` profile's ``wiki``."""
+    if corpus == "openwebtext" and os.environ.get("REPRO_WEIGHTS") == "random":
+        corpus = "wiki"
     if corpus == "wiki":
         return [a["extract"] for a in wiki_split(split)]
     if corpus == "synthetic":
         return [synthetic_text(seed=0 if split == "heldout" else 1)]
-    raise ValueError(f"unknown corpus {corpus!r}; known: wiki, synthetic")
+    if corpus == "openwebtext":
+        return _openwebtext(split)
+    raise ValueError(f"unknown corpus {corpus!r}; known: wiki, synthetic, openwebtext")
+
+
+def token_stream(corpus: str, split: str, tokenizer: str = "byte") -> torch.Tensor:
+    """A corpus split as one token stream (documents joined by a blank line) for training a GPT from scratch.
+    ``tokenizer``: ``"byte"`` (UTF-8 bytes, vocabulary 256, no files) or ``"gpt2"`` (GPT-2 BPE, the paper's;
+    the byte stream under the ``REPRO_WEIGHTS=random`` dry run, which has no tokenizer files). BPE streams
+    are cached (content-addressed, atomic) because tokenising OpenWebText takes hours."""
+    if tokenizer not in ("byte", "gpt2"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; known: byte, gpt2")
+    docs = corpus_texts(corpus, split)
+    if tokenizer == "byte" or os.environ.get("REPRO_WEIGHTS") == "random":
+        return torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8)
+    from transformers import AutoTokenizer
+
+    from common.config import cache_dir
+
+    spec = get_spec("gpt2-medium")
+    path = cache_dir() / "tokens" / f"{corpus}-{split}-gpt2-{spec.revision[:12]}.npy"
+    if not path.exists():
+        tok = AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision)
+        ids = [i for d in docs for i in tok(d + "\n\n", add_special_tokens=False)["input_ids"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, np.asarray(ids, dtype=np.uint16))
+        os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # uint16, memory-mapped: windows are cast when drawn
 
 
 def token_windows(tok, model_key: str, corpus: str, n_windows: int, window_len: int,

@@ -137,6 +137,13 @@ def massive_weights(model: torch.nn.Module, prompt_ids: list[torch.Tensor], k: i
     return layer, top_channels(inter, layer, k)[0]
 
 
+def massive_layer(model: torch.nn.Module, tok, key: str, prompts: tuple[str, ...]) -> int | None:
+    """The massive layer of ``model`` on the detection ``prompts`` (notebook 01's criterion, no fallback), or
+    ``None``: one cheap position-0 capture, for notebooks that only need to know where it is."""
+    ids = [models.encode(tok, key, p) for p in prompts]
+    return detect_massive_layer(capture(model, ids, points=("inter",)).pos0["inter"])
+
+
 def origin_split(prompts: Stats, layer: int, dims: list[int]) -> dict[str, float]:
     """HoC Fig. 3a at the massive layer, summed over ``dims`` at position 0 (mean over prompts): the
     residual before the layer, what the attention branch adds, what the FFN branch adds, the residual after.

@@ -106,9 +106,9 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
     ModelSpec("llama-7b", "LLaMA-7B", "hub", True, "huggyllama/llama-7b",
               "8416d3fefb0cb3ff5775a7b13c1692d10ff1aa16"),
     ModelSpec("gpt2-medium", "GPT-2 medium", "hub", False, "openai-community/gpt2-medium",
-              "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"),
+              "6dcaa7a952f72f9298047fd5137cd6e4f05f41da", config_file="gpt2-medium.json"),
     ModelSpec("gpt2-large", "GPT-2 large", "hub", False, "openai-community/gpt2-large",
-              "32b71b12589c2f8d625668d2335a01cac3249519"),
+              "32b71b12589c2f8d625668d2335a01cac3249519", config_file="gpt2-large.json"),
 ]}
 
 
@@ -302,7 +302,8 @@ def random_config(spec: ModelSpec, shrink: int = 1):
     if shrink > 1:
         for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                      "num_key_value_heads"):
-            values[name] = max(1, values[name] // shrink)
+            if name in values:  # GPT-2 has no intermediate_size / num_key_value_heads
+                values[name] = max(1, values[name] // shrink)
     return AutoConfig.for_model(**values)
 
 
