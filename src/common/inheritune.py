@@ -33,7 +33,7 @@ from common.gpt import GPT, GPTConfig
 from common.manifest import write_json_atomic
 
 #: Bump when a cached run's meaning changes (invalidates every cached Inheritune run).
-RUN_VERSION = 1
+RUN_VERSION = 2
 LAYER_CHOICES = ("first", "last", "middle")
 
 
@@ -43,10 +43,10 @@ LAYER_CHOICES = ("first", "last", "middle")
 def train_batch(stream: torch.Tensor, step: int, seed: int, batch_size: int, block: int) -> tuple[torch.Tensor, ...]:
     """Inputs and next-token targets [B, block] of optimizer step ``step``: random windows of ``stream``
     with replacement, from a generator seeded by (seed, step)."""
-    if len(stream) < block + 2:
+    if len(stream) < block + 1:
         raise ValueError(f"token stream of {len(stream)} tokens is shorter than one window of {block + 1}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - block - 1, (batch_size,), generator=g)
+    starts = torch.randint(0, len(stream) - block, (batch_size,), generator=g)
     rows = torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).long()
     return rows[:, :-1], rows[:, 1:]
 
@@ -69,11 +69,13 @@ def data_digest(stream: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------- training
 
 
-def lr_at(step: int, s: PretrainSettings) -> float:
-    """Linear warmup over ``s.warmup`` steps, then cosine from ``s.lr`` down to ``s.min_lr_ratio * s.lr``."""
+def lr_at(step: int, s: PretrainSettings, total: int | None = None) -> float:
+    """Linear warmup over ``s.warmup`` steps, then cosine from ``s.lr`` down to ``s.min_lr_ratio * s.lr`` at
+    step ``total`` (default ``s.steps``): a run of other length gets its own full schedule (D10)."""
+    total = s.steps if total is None else total
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
-    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    progress = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
     low = s.min_lr_ratio * s.lr
     return low + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - low)
 
@@ -127,7 +129,7 @@ class Run:
     @property
     def val_se(self) -> float:
         """Standard error of ``val_loss`` over the fixed windows (the evaluation noise, D9)."""
-        return float(torch.tensor(self.window_losses).std() / math.sqrt(len(self.window_losses)))
+        return float(torch.tensor(self.window_losses, dtype=torch.float64).std() / math.sqrt(len(self.window_losses)))
 
     def load(self, cfg: GPTConfig) -> GPT:
         """The trained model (eval mode, on the run's device)."""
@@ -157,7 +159,8 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
            "train": data_digest(stream), "val": data_digest(val)}
     final = cache_dir() / "inheritune" / _digest(key)
     if (final / "COMPLETE").exists():
-        return Run(**{**json.loads((final / "run.json").read_text()), "path": str(final)})
+        saved = json.loads((final / "run.json").read_text())
+        return Run(**{**saved, "curve": [tuple(c) for c in saved["curve"]], "path": str(final)})
     work = final.parent / f"{final.name}.work"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = str(work / "ckpt.pt")
@@ -177,7 +180,7 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     for step in range(start, steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
+            group["lr"] = lr_at(step, s, steps)
         for micro in range(s.grad_accum):
             x, y = train_batch(stream, step * s.grad_accum + micro, seed, s.batch_size, block)
             with autocast:
@@ -298,7 +301,7 @@ def grow(train_target: Callable[[int], Run], reference: Run, start: int, step: i
 
 def paired_difference(a: Run, b: Run) -> tuple[float, float]:
     """Mean and standard error of the per-window loss difference a - b on the same fixed windows."""
-    d = torch.tensor(a.window_losses) - torch.tensor(b.window_losses)
+    d = torch.tensor(a.window_losses, dtype=torch.float64) - torch.tensor(b.window_losses, dtype=torch.float64)
     return float(d.mean()), float(d.std() / math.sqrt(len(d)))
 
 
@@ -392,6 +395,11 @@ def record_experiment(key: str, exp: Experiment) -> None:
            note=f"last round within tolerance {g.tolerance:.4f} = max(0.01, 2 x eval se) of the reference (D9)")
 
 
+def _over(d: float, se: float) -> float | None:
+    """``d`` in units of its standard error (None when the error is 0: identical windows)."""
+    return d / se if se > 0 else None
+
+
 def _curve_at(run: Run, step: int) -> float:
     """The validation loss logged closest to ``step``."""
     return min(run.curve, key=lambda c: abs(c[0] - step))[1]
@@ -413,7 +421,7 @@ def acceptance(exp: Experiment, ref_stats, target_stats) -> dict[str, float | bo
     first, rnd = v.get("inherit_first"), v.get("random")
     if first and rnd:
         d, se = paired_difference(first, rnd)
-        out.update({"s4a_first_minus_random": d, "s4a_noise_se": se, "s4a_over_se": d / se,
+        out.update({"s4a_first_minus_random": d, "s4a_noise_se": se, "s4a_over_se": _over(d, se),
                     "s4a_first_beats_random": d < -3 * se})
     if first:
         out["s4b_first_within_tol_of_reference"] = first.val_loss <= exp.reference.val_loss + tol
@@ -424,7 +432,7 @@ def acceptance(exp: Experiment, ref_stats, target_stats) -> dict[str, float | bo
         last_run = v["inherit_last"]
         d, se = paired_difference(last_run, rnd)
         early = max(1, exp.reference.steps // 10)
-        out.update({"s5_last_minus_random": d, "s5_over_se": d / se, "s5_last_within_noise_of_random": abs(d) <= 3 * se,
+        out.update({"s5_last_minus_random": d, "s5_over_se": _over(d, se), "s5_last_within_noise_of_random": abs(d) <= 3 * se,
                     "s5_last_minus_first": paired_difference(last_run, first)[0],
                     "s5_early_last_minus_random": _curve_at(last_run, early) - _curve_at(rnd, early),
                     "s5_early_first_minus_random": _curve_at(first, early) - _curve_at(rnd, early)})
