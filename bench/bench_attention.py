@@ -6,6 +6,8 @@
    values are checked identical first;
 2. the whole analysis pass (eager forward + hooks + metrics, ``capture_attention``) vs two plain backbone
    forwards of the same 32 windows (target: <= 1.0, i.e. no more than two forward passes);
+   integer metrics (k*, m*, sink) must be identical, the float ones equal to 1e-9 relative (the entropy
+   effective rank to 1e-6: sigma_i below ~1e-8 sigma_1 are not resolved through A A^T);
 3. training throughput of the small-profile byte GPT (8 layers, d 128, 16 x 128 tokens a step), tokens/s.
 """
 
@@ -26,9 +28,10 @@ def main() -> None:
     stack = torch.stack([torch.stack(list(attention.example_maps(model, windows[i:i + 1], layers).values()))
                          for i in range(8)])  # [8, L, H, T, T]: every layer and head of 8 windows
     batched, loop = attention.head_metrics(stack), attention.head_metrics_loop(stack)
-    for name in attention.METRICS:
+    for name in attention.METRICS:  # erank: the Gram route resolves sigma only down to ~1e-8 sigma_1
+        rtol = 1e-6 if name == "erank" else 1e-9
         same = torch.equal(batched[name], loop[name]) if not batched[name].is_floating_point() else \
-            torch.allclose(batched[name], loop[name], rtol=1e-9, atol=1e-12)
+            torch.allclose(batched[name], loop[name], rtol=rtol, atol=1e-12)
         assert same, f"batched and per-head loop disagree on {name}"
     t_metrics = interleaved({"batched": lambda: attention.head_metrics(stack),
                              "per_head_loop": lambda: attention.head_metrics_loop(stack)}, repeats=3)

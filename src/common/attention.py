@@ -15,7 +15,8 @@ lower-triangular; the matrix the model uses, decision D3):
 
 The singular values come from ``eigvalsh`` of the symmetric Gram matrix A A^T (its eigenvalues are the
 sigma_i^2), in float64 and batched over sequences x heads, which is cheaper than an SVD per head and exact
-for these energy sums. ``head_metrics_loop`` is the per-head SVD reference (test oracle, benchmark baseline).
+for these energy sums (k*, m* and the shares equal the SVD's; the entropy effective rank agrees to ~1e-7
+relative, because sigma_i below ~1e-8 sigma_1 are not resolved through A A^T). ``head_metrics_loop`` is the per-head SVD reference (test oracle, benchmark baseline).
 
 Aggregation as the paper does (eq. 3-4): Rank(h, l) = mean over sequences of k*; MaxRank(l) = max over
 heads; AvgMass(l) = mean over heads of the per-head mean m*. ``AttentionStats`` also gives the other
@@ -181,6 +182,18 @@ def first_sink_layer(stats: AttentionStats, threshold: float = 0.5) -> int | Non
     return int(hits[0]) if len(hits) else None
 
 
+def sink_vs_massive(stats: AttentionStats, massive_layer: int | None, threshold: float) -> dict[str, float | None]:
+    """Where the first-token sink starts relative to the massive layer (notebook 01's criterion): the first
+    sink layer, their difference, and the largest mean mass on position 0 in the layers before the massive one."""
+    share = stats.per_layer("pos0_share", "mean")
+    first = first_sink_layer(stats, threshold)
+    if massive_layer is None:
+        return {"first_sink_layer": first, "sink_minus_massive_layer": None, "pos0_share_before_massive": None}
+    before = float(share[:massive_layer].max()) if massive_layer > 0 else None
+    return {"first_sink_layer": first, "sink_minus_massive_layer": None if first is None else first - massive_layer,
+            "pos0_share_before_massive": before}
+
+
 def context_length(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's position scheme accepts, when its config says so."""
     cfg = getattr(arch.unwrap(model), "config", None)
@@ -296,9 +309,11 @@ def depth_thirds(values: torch.Tensor) -> list[float]:
     return [float(p.mean()) for p in parts]
 
 
-def record_stats(key: str, stats: AttentionStats, sink_threshold: float, paper_key: str | None = None) -> None:
+def record_stats(key: str, stats: AttentionStats, sink_threshold: float, paper_key: str | None = None,
+                 massive_layer: int | None = None) -> None:
     """Record notebook 04's per-layer attention keys for ``key`` (DESIGN §9: ``attn/maxrank``, ``attn/avgmass``,
-    ``attn/maxcol_share``) and the diagnostics beside them; the paper's curves go next to ``paper_key``'s."""
+    ``attn/maxcol_share``) and the diagnostics beside them; the paper's curves go next to ``paper_key``'s; with
+    the model's ``massive_layer``, where the sink starts relative to it (``sink_vs_massive``)."""
     from common.manifest import record
 
     ref = "Inheritune v4 Fig. 1 (MaxRank), Fig. 14 (AvgMass)"
@@ -327,8 +342,14 @@ def record_stats(key: str, stats: AttentionStats, sink_threshold: float, paper_k
     record(f"{key}/attn/demo_maxrank", stats.demo_rank().double().max(-1).values,
            note="k* of the batch-mean matrix, max over heads: the authors' demo aggregation, not the paper's (D2)")
     record(f"{key}/attn/pos0_share", stats.per_layer("pos0_share"), note="attention mass on position 0, mean over heads")
-    record(f"{key}/attn/first_sink_layer", first_sink_layer(stats, sink_threshold),
+    sink = sink_vs_massive(stats, massive_layer, sink_threshold)
+    record(f"{key}/attn/first_sink_layer", sink["first_sink_layer"],
            note=f"first layer whose mean mass on position 0 is >= {sink_threshold}; 0-based")
+    if massive_layer is not None:
+        record(f"{key}/attn/sink_minus_massive_layer", sink["sink_minus_massive_layer"],
+               note=f"first sink layer - massive layer ({massive_layer}, notebook 01's criterion)")
+        record(f"{key}/attn/pos0_share_before_massive", sink["pos0_share_before_massive"],
+               note="largest mean attention mass on position 0 in the layers before the massive layer")
     record(f"{key}/attn/lazy_layers", stats.lazy_layers(),
            note=f"layers with MaxRank < {LAZY_LAYER} (Def. G.1 with D12); 0-based")
     record(f"{key}/attn/n_lazy_layers", len(stats.lazy_layers()), note=f"of {len(stats.max_rank())} layers")

@@ -370,8 +370,10 @@ PAPER_VAL_LOSS = {
 def record_experiment(key: str, exp: Experiment) -> None:
     """Record ``<key>/inheritune/<variant>/val_loss`` (DESIGN §9) with the paper's values beside them, the
     evaluation noise, the paired differences the acceptance checks read (S4, S5), and the growth rounds."""
-    from common.manifest import record
+    from common.manifest import current, record
 
+    current().run["models"][key] = f"self-trained:inheritune/{os.path.basename(exp.reference.path)}"
+    current().save()
     window_note = f"{len(exp.reference.window_losses)} fixed validation windows; nats per token"
     for name, run in exp.runs.items():
         paper, ref = PAPER_VAL_LOSS.get(name, (None, None))

@@ -270,6 +270,15 @@ def plot_macdrop_grid(grid, baseline: dict) -> plt.Figure:
 # ------------------------------------------------------------------------------- notebook 04 (Inheritune)
 
 
+def _log_y(ax: plt.Axes) -> None:
+    """Log y axis with plain numbers (1, 10, 100) instead of powers of ten."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _band(ax: plt.Axes, y: np.ndarray, spread: np.ndarray | None, color, label: str, **style) -> None:
     layers = np.arange(len(y))
     ax.plot(layers, y, marker="o", ms=2.5, color=color, label=label, **style)
@@ -300,7 +309,7 @@ def plot_layer_metric(stats: dict, metric: str, heads: str, ylabel: str, paper: 
         ax.legend(fontsize="x-small")
     for ax in axes[0]:
         if log:
-            ax.set_yscale("log")
+            _log_y(ax)
     axes[0][0].set_ylabel(ylabel)
     return fig
 
@@ -309,6 +318,7 @@ def plot_rank_heatmap(stats: dict, threshold: float) -> plt.Figure:
     """Inheritune Fig. 11 / 21-22: mean rank k* per head (rows) and layer (columns), log colour scale; heads
     with Rank(h, l) < ``threshold`` (collapsed, decision D12) are dotted."""
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     keys = list(stats)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.9), squeeze=False, layout="constrained")
@@ -318,6 +328,8 @@ def plot_rank_heatmap(stats: dict, threshold: float) -> plt.Figure:
                        origin="lower", interpolation="nearest")
         hh, ll = np.nonzero(rank < threshold)
         ax.scatter(ll, hh, s=4, color="cyan", marker="o")
+        ax.grid(False)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{display_name(key)}: {int((rank < threshold).sum())} of {rank.size} heads < {threshold}",
                      fontsize="small")
         ax.set_xlabel("layer (0-based)")
@@ -340,6 +352,7 @@ def plot_attention_maps(maps: dict[int, np.ndarray], heads: int, title: str) -> 
             ax.imshow(np.where(a > 0, a, np.nan), cmap="viridis", norm=LogNorm(vmin=1e-4, vmax=1))
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.grid(False)
             ax.set_title(f"L{layer} H{h}", fontsize="x-small")
     fig.suptitle(title, fontsize="small")
     return fig
@@ -350,7 +363,7 @@ def plot_tau_sweep(stats, taus: tuple[float, ...], title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.6, 2.8), layout="constrained")
     for j, tau in enumerate(taus):
         ax.plot(stats.rank_at(tau).numpy(), marker="o", ms=2.5, color=PALETTE[j], label=f"tau = {tau}")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("MaxRank")
     ax.set_title(title, fontsize="small")
@@ -408,7 +421,7 @@ def plot_rank_compare(curves: dict[str, tuple]) -> plt.Figure:
     for j, (label, (y, spread)) in enumerate(curves.items()):
         _band(ax, np.asarray(y), np.asarray(spread), PALETTE[j], label)
     ax.axhline(2.0, color="grey", lw=0.8, ls=":")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel("layer (0-based); dotted: lazy threshold 2")
     ax.set_ylabel("MaxRank")
     ax.legend(fontsize="x-small")
