@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 from tiny_families import build_tiny
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -22,6 +23,17 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(manifest, "_CURRENT", None)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models train as fast on one, the runs stay bit-reproducible, and a
+    second busy process on a 2-core box then costs nothing (two OpenMP threads competing with it make the
+    Trainer tests 10-20x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

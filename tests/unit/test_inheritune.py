@@ -26,13 +26,7 @@ from common.inheritune import Experiment, Growth, Run  # noqa: E402
 LN256 = math.log(256)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train as fast on one thread, and one thread keeps CPU runs bit-reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(n_layer: int = 2, n_embd: int = 16, block: int = 16, n_head: int = 2, **kw) -> GPTConfig:

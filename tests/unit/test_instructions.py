@@ -16,13 +16,7 @@ NO_BOS_KEY = "smollm2-135m"  # registry policy: no BOS (only the policy is read;
 _INSTRUCTION = re.compile(r"### Instruction:\n(.*)\n\n### Response:\n", re.S)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: as fast for a tiny model, and immune to a second busy process on a 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _title(prompt: str) -> str:

@@ -23,14 +23,7 @@ MAX_LEN = 128  # the byte tokenizer spends ~90 tokens on the Alpaca prompt of a 
 Z999 = 3.2905  # two-sided 99.9% normal quantile
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train as fast on one thread, and a second busy process on a 2-core box then costs
-    nothing (two OpenMP threads competing with it make the Trainer tests 10-20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _binomial_ok(rate: float, prob: float, n: int) -> bool:

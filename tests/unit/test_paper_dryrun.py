@@ -2,8 +2,9 @@
 (same code path as the full-size GPU dry run), loads offline and goes through notebook 01's measurement."""
 
 import pytest
+import torch
 
-from common import arch, config, data, massive, models
+from common import arch, attention, config, data, massive, models
 
 
 @pytest.fixture
@@ -37,8 +38,6 @@ def test_random_llama3_runs_notebook01_measurement_offline(random_weights):
 def test_random_llama3_dora_macdrop_finetune_in_bf16(random_weights):
     """Notebook 03's paper path (DoRA + MacDrop, bf16 autocast, gradient checkpointing) on the shrunk random
     Llama-3-8B: training runs, MacDrop drops what p_t says, the adapter differs from the base model."""
-    import torch
-
     from common import finetune
 
     tok = models.byte_tokenizer()
@@ -59,3 +58,29 @@ def test_random_llama3_dora_macdrop_finetune_in_bf16(random_weights):
     assert torch.isfinite(tuned_logits).all() and not torch.equal(tuned_logits, base_logits)
     again, _ = models.load_model("llama-3-8b")  # random weights are the same on every load
     assert torch.equal(again.lm_head.weight, model.get_base_model().lm_head.weight)
+
+
+def test_random_gpt2_medium_runs_notebook04_analysis_offline(random_weights, monkeypatch):
+    """Notebook 04's paper path on the shrunk random GPT-2 medium (HF Conv1D attention switched to eager for
+    the pass): at init the logits q.k are ~0, so every head is uniform causal attention, whose k* and m* at
+    T = 100 are 5 and 30 (research inheritune.md §1.7); the model is back on its own implementation after."""
+    model, tok = models.load_model("gpt2-medium")
+    assert len(arch.layers(model)) == 24 // 16 and model.config.n_embd == 1024 // 16
+    before = model.config._attn_implementation
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    stats = attention.capture_attention(model, [ids])
+    assert stats.metrics["rank"].shape == (2, 1, model.config.n_head)
+    assert (stats.metrics["rank"] == 5).all() and (stats.metrics["mass"] == 30).all()
+    assert model.config._attn_implementation == before
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        attention.capture_attention(model, [torch.zeros(1, 1025, dtype=torch.long)])
+
+
+def test_dry_run_replaces_openwebtext_by_the_small_data(random_weights, monkeypatch):
+    """Under REPRO_WEIGHTS=random the paper corpus is the small profile's (DESIGN §2) and the GPT-2 BPE stream
+    is the byte stream (no tokenizer files offline)."""
+    fake = [{"title": "A", "extract": "first doc"}, {"title": "B", "extract": "second"}]
+    monkeypatch.setattr(data, "wiki_split", lambda split: fake)
+    assert data.corpus_texts("openwebtext", "train") == ["first doc", "second"]
+    stream = data.token_stream("openwebtext", "train", "gpt2")
+    assert bytes(stream.tolist()) == b"first doc\n\nsecond"
