@@ -366,3 +366,23 @@ def record_paper_references(run_keys: tuple[str, ...]) -> None:
             ref = "Inheritune v4 Fig. 1 (MaxRank), Fig. 14 (AvgMass)"
             record(f"{key}/attn/maxrank", None, paper=PAPER_MAXRANK[key], paper_ref=ref, note=_PAPER_NOTE)
             record(f"{key}/attn/avgmass", None, paper=PAPER_AVGMASS[key], paper_ref=ref, note=_PAPER_NOTE)
+
+
+def overview(stats: dict[str, AttentionStats], massive_layers: dict[str, int | None] | None = None,
+             sink_threshold: float = 0.3):
+    """One row per model: depth, the first / middle / last-third means of the largest-column share, AvgMass
+    and MaxRank, the lazy layers, the share of collapsed heads, and (given) the massive and first sink layers."""
+    import pandas as pd
+
+    rows = {}
+    for key, s in stats.items():
+        row = {"layers": len(s.max_rank()),
+               "maxcol share (thirds)": [round(v, 2) for v in depth_thirds(s.per_layer("maxcol_share"))],
+               "AvgMass (thirds)": [round(v, 1) for v in depth_thirds(s.avg_mass())],
+               "MaxRank (thirds)": [round(v, 1) for v in depth_thirds(s.max_rank())],
+               "lazy layers": s.lazy_layers(), "collapsed heads": f"{float(s.collapsed_heads().double().mean()):.0%}",
+               "first sink layer": first_sink_layer(s, sink_threshold)}
+        if massive_layers is not None:
+            row["massive layer"] = massive_layers.get(key)
+        rows[key] = row
+    return pd.DataFrame(rows).T

@@ -33,7 +33,7 @@ from common.gpt import GPT, GPTConfig
 from common.manifest import write_json_atomic
 
 #: Bump when a cached run's meaning changes (invalidates every cached Inheritune run).
-RUN_VERSION = 2
+RUN_VERSION = 3
 LAYER_CHOICES = ("first", "last", "middle")
 
 
@@ -120,6 +120,7 @@ class Run:
     n_params: int
     init: dict
     path: str = ""
+    shape: dict = field(default_factory=dict)  # GPTConfig.shape() of the trained model
 
     @property
     def val_loss(self) -> float:
@@ -131,9 +132,9 @@ class Run:
         """Standard error of ``val_loss`` over the fixed windows (the evaluation noise, D9)."""
         return float(torch.tensor(self.window_losses, dtype=torch.float64).std() / math.sqrt(len(self.window_losses)))
 
-    def load(self, cfg: GPTConfig) -> GPT:
+    def load(self) -> GPT:
         """The trained model (eval mode, on the run's device)."""
-        model = GPT(cfg)
+        model = GPT(GPTConfig(**self.shape))
         load_model(model, os.path.join(self.path, "model.safetensors"))
         return model.to(device()).eval()
 
@@ -200,7 +201,7 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     losses = window_losses(model, val).tolist()
     run = Run(name, model.config.n_layer, steps, curve, losses,
               tokens_per_s=steps * s.grad_accum * s.batch_size * block / max(seconds, 1e-9), seconds=seconds,
-              n_params=model.n_params(), init=init)
+              n_params=model.n_params(), init=init, shape=model.config.shape())
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -334,7 +335,7 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     model, init = random_init(ref_cfg, seed)
     ref = train("reference", model, init, stream, val, s, seed, progress=progress)
-    reference = ref.load(ref_cfg)
+    reference = ref.load()
     half = ref_cfg.n_layer // 2
     ref_id = os.path.basename(ref.path)
 
@@ -441,3 +442,15 @@ def acceptance(exp: Experiment, ref_stats, target_stats) -> dict[str, float | bo
     out["s6_lazy_share_reference"] = len(ref_stats.lazy_layers()) / n
     out["s6_lazy_share_inheritune"] = len(target_stats.lazy_layers()) / len(target_stats.max_rank())
     return out
+
+
+def runs_frame(exp: Experiment):
+    """One row per run (the variants, then the growth rounds): depth, steps, validation loss and its s.e.,
+    parameters, training throughput and seconds."""
+    import pandas as pd
+
+    runs = {**exp.runs, **{f"round {r.n_layer}L": r for r in exp.growth.rounds}}
+    return pd.DataFrame({name: {"layers": r.n_layer, "steps": r.steps, "val loss": round(r.val_loss, 4),
+                                "± s.e.": round(r.val_se, 4), "params": f"{r.n_params:,}",
+                                "tokens/s": round(r.tokens_per_s), "train s": round(r.seconds)}
+                         for name, r in runs.items()}).T

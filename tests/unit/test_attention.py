@@ -537,3 +537,18 @@ def test_record_stats_writes_design_keys() -> None:
     assert records["tiny/attn/lazy_layers"]["value"] == [0]
     assert records["tiny/attn/first_sink_layer"]["value"] is None  # pos0 shares 0.01 and 0.2625
     assert records["tiny/attn/demo_maxrank"]["value"] == [1.0, 89.0]
+
+
+def test_overview_reads_each_model_and_its_massive_layer() -> None:
+    """One row per model with the values of the hand-made stack: 2 layers, layer 0 lazy (the column-7 sink),
+    half of the heads collapsed, no position-0 sink at 0.3 (position 0 gets 0.01 and 0.26); the identity-only
+    model has no lazy layer and no collapsed head; the massive layer column appears only when given."""
+    eye = torch.eye(T, dtype=torch.float64).expand(1, 2, 2, T, T)
+    frame = attention.overview({"planted": _stats(_two_sequence_stack()), "identity": _stats(eye)},
+                               {"planted": 1, "identity": None})
+    assert list(frame.index) == ["planted", "identity"]
+    assert frame.loc["planted", "layers"] == 2 and frame.loc["planted", "lazy layers"] == [0]
+    assert frame.loc["planted", "collapsed heads"] == "50%" and frame.loc["identity", "collapsed heads"] == "0%"
+    assert frame.loc["identity", "lazy layers"] == [] and frame.loc["planted", "massive layer"] == 1
+    assert frame.loc["planted", "first sink layer"] is None
+    assert "massive layer" not in attention.overview({"identity": _stats(eye)}).columns

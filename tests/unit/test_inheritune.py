@@ -380,7 +380,7 @@ def test_training_is_cached_by_content(monkeypatch: pytest.MonkeyPatch) -> None:
     assert second.tokens_per_s == first.tokens_per_s and second.path == first.path
     assert [list(c) for c in second.curve] == [list(c) for c in first.curve]
     assert os.path.exists(os.path.join(second.path, "model.safetensors"))
-    loaded = second.load(_cfg())
+    loaded = second.load()
     assert inheritune.window_losses(loaded, val).tolist() == first.window_losses
     with pytest.raises(RuntimeError, match="trained"):
         inheritune.train("a", inheritune.random_init(_cfg(), 0)[0], {"kind": "random", "seed": 0}, stream, val, s,
@@ -716,8 +716,8 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert records["gpt-byte/inheritune/growth/layers"]["value"] == [2]
     assert records["gpt-byte/inheritune/growth/matched"]["value"] == g.matched
 
-    reference = ref.load(ref_cfg)
-    target = g.final.load(GPTConfig(**{**ref_cfg.shape(), "n_layer": 2}))
+    reference = ref.load()
+    target = g.final.load()
     assert inheritune.window_losses(reference, val).tolist() == ref.window_losses
     ids = val[:2, :-1]
     ref_stats, tgt_stats = capture_attention(reference, [ids]), capture_attention(target, [ids])
@@ -730,3 +730,15 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert out["s4b_first_within_tol_of_reference"] == (exp.variants["inherit_first"].val_loss
                                                        <= ref.val_loss + g.tolerance)
     assert out["s6_lazy_share_inheritune"] == len(tgt_stats.lazy_layers()) / 2
+
+
+def test_runs_frame_lists_variants_then_rounds() -> None:
+    """One row per variant and per growth round, with the run's own depth, steps and mean validation loss."""
+    ref = _run("reference", 4, [2.0, 2.2])
+    first = _run("inherit_first", 2, [2.4, 2.6])
+    grown = _run("inheritune_3L", 3, [2.1, 2.1])
+    exp = Experiment(ref, {"inherit_first": first}, Growth([first, grown], 0.01, True))
+    frame = inheritune.runs_frame(exp)
+    assert list(frame.index) == ["reference", "inherit_first", "round 2L", "round 3L"]
+    assert frame.loc["reference", "val loss"] == 2.1 and frame.loc["round 3L", "layers"] == 3
+    assert frame.loc["inherit_first", "steps"] == 20
