@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PROFILE ?= small
 NB ?=
 SEED ?= 0
+PARAMS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -40,8 +41,8 @@ else
 	$(PY) -m common.models prepare --profile $(PROFILE)
 endif
 
-reproduce: setup models  ## run every notebook headless (NB=01 for one) on PROFILE (default small), then the report
-	TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile $(PROFILE) --seed $(SEED)
+reproduce: setup models  ## run every notebook headless (NB=01 for one, PARAMS='STEPS=20' for other parameters) on PROFILE (default small), then the report
+	TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS))
 	$(MAKE) --no-print-directory report
 
 test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests

@@ -1,13 +1,15 @@
 """Run notebooks headless: ``python -m common.run [NN ...] --profile P [--seed S]`` (DESIGN §3).
 
 Each notebook is executed by papermill into ``build/<profile>/NN_name.ipynb`` (never into
-``notebooks/``), with ``PROFILE`` and ``SEED`` injected. A failing notebook keeps its executed copy
+``notebooks/``), with ``PROFILE`` and ``SEED`` injected, and any ``--param NAME=VALUE`` (a notebook's other
+parameters, e.g. ``STEPS=20`` for notebook 04's paper dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its executed copy
 (with the traceback) in ``build/``; the others still run, and the exit status is non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,18 @@ def select_notebooks(prefixes: list[str]) -> list[Path]:
     return chosen
 
 
-def run_notebook(path: Path, profile: str, seed: int) -> tuple[bool, float]:
+def parse_param(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> (NAME, VALUE as a Python literal, or the string itself)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise SystemExit(f"--param {text!r}: write NAME=VALUE, e.g. STEPS=20")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None) -> tuple[bool, float]:
     """Execute one notebook with papermill; returns (succeeded, seconds)."""
     import papermill as pm
 
@@ -39,7 +52,7 @@ def run_notebook(path: Path, profile: str, seed: int) -> tuple[bool, float]:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(out), parameters={"PROFILE": profile, "SEED": seed},
+        pm.execute_notebook(str(path), str(out), parameters={"PROFILE": profile, "SEED": seed, **(params or {})},
                             kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
         ok = True
     except pm.PapermillExecutionError as err:
@@ -53,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", help="notebook numbers, e.g. 01 03 (default: all)")
     parser.add_argument("--profile", default="small", choices=PROFILE_NAMES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="another notebook parameter (repeatable), e.g. STEPS=20")
     args = parser.parse_args(argv)
+    params = dict(parse_param(p) for p in args.param)
     failed = []
     for nb in select_notebooks(args.notebooks):
-        ok, seconds = run_notebook(nb, args.profile, args.seed)
+        ok, seconds = run_notebook(nb, args.profile, args.seed, params)
         print(f"{'ok' if ok else 'FAILED':6s} {nb.stem:40s} {seconds:7.1f} s  (profile {args.profile})", flush=True)
         if not ok:
             failed.append(nb.stem)

@@ -21,7 +21,7 @@ def _notebook(path, source: str) -> None:
 def notebook_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "NOTEBOOK_DIR", tmp_path)
     _notebook(tmp_path / "98_fails.ipynb", "raise RuntimeError('planted failure')")
-    _notebook(tmp_path / "99_works.ipynb", "print('profile', PROFILE)")
+    _notebook(tmp_path / "99_works.ipynb", "print('profile', PROFILE, 'steps', globals().get('STEPS'))")
     yield tmp_path
     for name in ("98_fails.ipynb", "99_works.ipynb"):
         (REPO_ROOT / "build" / "smoke" / name).unlink(missing_ok=True)
@@ -39,3 +39,17 @@ def test_failure_keeps_the_executed_copy_and_the_others_still_run(notebook_dir, 
 def test_unknown_notebook_number_lists_the_available_ones(notebook_dir):
     with pytest.raises(SystemExit, match="99_works"):
         run.select_notebooks(["42"])
+
+
+def test_extra_parameters_are_injected_as_literals(notebook_dir):
+    assert run.main(["99", "--profile", "smoke", "--param", "STEPS=20"]) == 0
+    worked = json.loads((REPO_ROOT / "build" / "smoke" / "99_works.ipynb").read_text())
+    assert "profile smoke steps 20" in json.dumps(worked)
+
+
+def test_param_parsing():
+    assert run.parse_param("STEPS=20") == ("STEPS", 20)
+    assert run.parse_param("FULL_GRID=True") == ("FULL_GRID", True)
+    assert run.parse_param("NAME=wiki") == ("NAME", "wiki")
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        run.parse_param("STEPS")
