@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import random
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def synthetic_text(n_sentences: int = 400, seed: int = 0) -> str:
 OPENWEBTEXT = "Skylion007/openwebtext"
 
 
-def _openwebtext(split: str) -> list[str]:
+def _openwebtext(split: str):
+    """The split's ``text`` column, lazily (8M documents: never a Python list)."""
     import datasets
 
     try:
@@ -89,11 +91,11 @@ def _openwebtext(split: str) -> list[str]:
         raise FileNotFoundError(f"{OPENWEBTEXT} is not in the local datasets cache; run `make models PROFILE=paper` "
                                 "on a machine with hub access, or set REPRO_WEIGHTS=random for a dry run") from err
     parts = rows.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    return list(parts["test" if split == "heldout" else "train"]["text"])
+    return parts["test" if split == "heldout" else "train"]["text"]
 
 
-def corpus_texts(corpus: str, split: str = "heldout") -> list[str]:
-    """Documents of a corpus, in a fixed order. Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2)
+def corpus_texts(corpus: str, split: str = "heldout") -> Sequence[str]:
+    """Documents of a corpus, in a fixed order (a list; for OpenWebText the dataset's lazy text column). Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2)
     the paper corpus ``openwebtext`` is replaced by the ``small`` profile's ``wiki``."""
     if corpus == "openwebtext" and os.environ.get("REPRO_WEIGHTS") == "random":
         corpus = "wiki"
@@ -121,15 +123,35 @@ def token_stream(corpus: str, split: str, tokenizer: str = "byte") -> torch.Tens
     from common.config import cache_dir
 
     spec = get_spec("gpt2-medium")
-    path = cache_dir() / "tokens" / f"{corpus}-{split}-gpt2-{spec.revision[:12]}.npy"
+    path = cache_dir() / "tokens" / f"{corpus}-{split}-gpt2-{spec.revision[:12]}.bin"
     if not path.exists():
         tok = AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision)
-        ids = [i for d in docs for i in tok(d + "\n\n", add_special_tokens=False)["input_ids"]]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, np.asarray(ids, dtype=np.uint16))
+        write_token_file(docs, lambda batch: tok(batch, add_special_tokens=False)["input_ids"], path)
+    return torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="c"))  # windows are cast when drawn
+
+
+def write_token_file(docs, encode_batch, path: Path, batch: int = 1024) -> int:
+    """Tokenise ``docs`` (any sliceable sequence of strings) ``batch`` documents at a time with
+    ``encode_batch(list[str]) -> list[list[int]]``, each followed by a blank line, appending uint16 ids to
+    ``path`` (raw, as nanoGPT's ``prepare.py`` writes them) through a temporary file renamed at the end, so a
+    half-written stream is never read. Returns the number of tokens."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as out:
+            for start in range(0, len(docs), batch):
+                for ids in encode_batch([d + "\n\n" for d in docs[start:start + batch]]):
+                    if ids and max(ids) > np.iinfo(np.uint16).max:
+                        raise ValueError(f"token id {max(ids)} does not fit uint16; this stream is for GPT-2's "
+                                         "vocabulary")
+                    out.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                    count += len(ids)
         os.replace(tmp, path)
-    return torch.from_numpy(np.load(path, mmap_mode="c"))  # uint16, memory-mapped: windows are cast when drawn
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
 
 
 def token_windows(tok, model_key: str, corpus: str, n_windows: int, window_len: int,

@@ -742,3 +742,19 @@ def test_runs_frame_lists_variants_then_rounds() -> None:
     assert list(frame.index) == ["reference", "inherit_first", "round 2L", "round 3L"]
     assert frame.loc["reference", "val loss"] == 2.1 and frame.loc["round 3L", "layers"] == 3
     assert frame.loc["inherit_first", "steps"] == 20
+
+
+def test_write_token_file_streams_uint16_and_is_atomic(tmp_path) -> None:
+    """The BPE stream writer: every document followed by a blank line, encoded in batches, ids stored as raw
+    uint16 in order (read back by memmap as token_stream does); an id beyond uint16 raises and leaves no file."""
+    import numpy as np
+
+    docs = ["ab", "c", "de"]
+    encode = lambda batch: [[ord(ch) for ch in d] for d in batch]  # noqa: E731
+    path = tmp_path / "tokens" / "x.bin"
+    assert data.write_token_file(docs, encode, path, batch=2) == 2 + 2 + 1 + 2 + 2 + 2
+    ids = np.memmap(path, dtype=np.uint16, mode="r").tolist()
+    assert ids == [ord(ch) for ch in "ab\n\nc\n\nde\n\n"]
+    with pytest.raises(ValueError, match="uint16"):
+        data.write_token_file(docs, lambda batch: [[70_000] for _ in batch], tmp_path / "big.bin")
+    assert not (tmp_path / "big.bin").exists() and not (tmp_path / "big.bin.tmp").exists()
