@@ -552,3 +552,70 @@ def test_overview_reads_each_model_and_its_massive_layer() -> None:
     assert frame.loc["identity", "lazy layers"] == [] and frame.loc["planted", "massive layer"] == 1
     assert frame.loc["planted", "first sink layer"] is None
     assert "massive layer" not in attention.overview({"identity": _stats(eye)}).columns
+
+
+def test_sink_vs_massive_reads_the_onset_relative_to_the_massive_layer() -> None:
+    """Layers 0-1 identity (1% of the mass on position 0), layer 2 all on position 0: with the massive layer at
+    2 the sink starts there (difference 0) and the layers before carry 0.01; at massive layer 1 the difference
+    is +1; without a massive layer only the sink onset is reported."""
+    eye, sink = torch.eye(T, dtype=torch.float64), torch.zeros(T, T, dtype=torch.float64)
+    sink[:, 0] = 1.0
+    stack = torch.stack([eye, eye, sink])[:, None].expand(2, 3, 3, T, T)  # [N, L, H, T, T]: layer 2 sinks
+    stats = _stats(stack)
+    at = attention.sink_vs_massive(stats, 2, 0.3)
+    assert at["first_sink_layer"] == 2 and at["sink_minus_massive_layer"] == 0
+    assert at["pos0_share_before_massive"] == pytest.approx(1 / T)
+    assert attention.sink_vs_massive(stats, 1, 0.3)["sink_minus_massive_layer"] == 1
+    assert attention.sink_vs_massive(stats, None, 0.3) == {
+        "first_sink_layer": 2, "sink_minus_massive_layer": None, "pos0_share_before_massive": None}
+    assert attention.sink_vs_massive(stats, 0, 0.3)["pos0_share_before_massive"] is None
+
+
+def test_context_length_and_eager_switch_restore_on_error(tiny_llama) -> None:
+    """The context comes from the config (GPT block_size, Llama max_position_embeddings), None without one; the
+    eager switch is undone even when the body raises."""
+    gpt = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=24))
+    assert attention.context_length(gpt) == 24
+    assert attention.context_length(tiny_llama[0]) == tiny_llama[0].config.max_position_embeddings
+    assert attention.context_length(torch.nn.Linear(2, 2)) is None
+    with pytest.raises(KeyError), attention.eager_attention(gpt):
+        assert gpt.config._attn_implementation == "eager"
+        raise KeyError("planted")
+    assert gpt.config._attn_implementation == "sdpa"
+
+
+def test_paper_references_are_recorded_only_for_models_not_run() -> None:
+    """The paper's GPT-2 curves go in as value null for the GPT-2 models the profile did not run; a run model
+    keeps its own record (written by record_stats, not overwritten here)."""
+    from common import config, manifest
+
+    config.setup("04_attention_degeneration_inheritune", "smoke", 0)
+    attention.record_paper_references(("gpt2-medium",))
+    records = {r["key"]: r for r in manifest.current().records}
+    assert "gpt2-medium/attn/maxrank" not in records
+    large = records["gpt2-large/attn/maxrank"]
+    assert large["value"] is None and large["paper_value"] == attention.PAPER_MAXRANK["gpt2-large"]
+    assert len(records["gpt2-large/attn/avgmass"]["paper_value"]) == 36
+
+
+def test_notebook04_attention_figures_draw_what_they_are_given() -> None:
+    """Each figure has one panel per model (+ the paper panel), the heatmap marks exactly the collapsed heads,
+    the tau sweep one line per tau, the sink figure one line per model and a marker per massive layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from common import plotting
+
+    stats = {"a": _stats(_two_sequence_stack()), "b": _stats(_two_sequence_stack())}
+    fig = plotting.plot_layer_metric(stats, "rank", "max", "MaxRank", paper={"p": [None, 2.0, 1.0]}, log=True)
+    assert len(fig.axes) == 3 and list(fig.axes[0].lines[0].get_ydata()) == [1.0, 89.0]
+    fig = plotting.plot_rank_heatmap(stats, attention.COLLAPSED_HEAD)
+    marked = fig.axes[0].collections[0].get_offsets()
+    assert len(marked) == int(stats["a"].collapsed_heads().sum()) == 2  # the two heads of the column-7 layer
+    assert len(plotting.plot_tau_sweep(stats["a"], (0.8, 0.9), "t").axes[0].lines) == 2
+    fig = plotting.plot_sink_vs_massive(stats, {"a": 1, "b": None})
+    assert len(fig.axes[0].lines) == 2 + 1
+    fig = plotting.plot_rank_compare({k: (s.max_rank(), s.spread("rank", "max")) for k, s in stats.items()})
+    assert len(fig.axes[0].lines) == 2 + 1  # two curves and the lazy threshold
+    maps = {0: torch.eye(4).expand(2, 4, 4), 3: torch.eye(4).expand(2, 4, 4)}
+    assert len(plotting.plot_attention_maps(maps, heads=2, title="t").axes) == 4

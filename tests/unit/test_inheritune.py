@@ -758,3 +758,23 @@ def test_write_token_file_streams_uint16_and_is_atomic(tmp_path) -> None:
     with pytest.raises(ValueError, match="uint16"):
         data.write_token_file(docs, lambda batch: [[70_000] for _ in batch], tmp_path / "big.bin")
     assert not (tmp_path / "big.bin").exists() and not (tmp_path / "big.bin.tmp").exists()
+
+
+def test_data_digest_follows_every_token() -> None:
+    """Equal streams share a digest; changing one token or the length changes it (cache keys follow the data)."""
+    a = torch.arange(100, dtype=torch.uint8)
+    b = a.clone()
+    b[57] += 1
+    assert inheritune.data_digest(a) == inheritune.data_digest(a.clone())
+    assert inheritune.data_digest(a) != inheritune.data_digest(b) != inheritune.data_digest(a[:99])
+
+
+def test_val_curves_figure_has_every_run_and_round() -> None:
+    """One line per run in both panels plus one per extra growth round; the zoom starts at 40% of S."""
+    from common import plotting
+
+    ref = _run("reference", 4, [2.0], steps=10, curve=[(0, 5.0), (5, 3.0), (10, 2.0)])
+    runs = {"reference": ref, "random": _run("random", 2, [2.5], steps=10, curve=[(0, 5.0), (10, 2.5)])}
+    fig = plotting.plot_val_curves(runs, [_run("inheritune_3L", 3, [2.1], steps=10)])
+    assert [len(ax.lines) for ax in fig.axes] == [3, 3]
+    assert fig.axes[1].get_xlim()[0] == pytest.approx(4.0)
