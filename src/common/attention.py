@@ -39,6 +39,9 @@ METRICS = ("energy", "rank", "mass", "mass_index", "sigma1_share", "erank", "max
 _SLACK = 1e-9
 LAZY_LAYER = 2.0  # decision D12: a layer is lazy when MaxRank(l) < 2, i.e. floor(MaxRank) = 1
 COLLAPSED_HEAD = 1.5  # decision D12: a head is collapsed when Rank(h, l) < 1.5
+#: A layer "has the sink" when its heads put at least this share of their mass on position 0 (uniform causal
+#: attention puts H_T / T there, about 5% at T = 100).
+SINK_SHARE = 0.3
 
 
 def _check_square(attn: torch.Tensor) -> int:
@@ -174,7 +177,7 @@ class AttentionStats:
         return self.per_head("rank") < threshold
 
 
-def first_sink_layer(stats: AttentionStats, threshold: float = 0.5) -> int | None:
+def first_sink_layer(stats: AttentionStats, threshold: float = SINK_SHARE) -> int | None:
     """The first 0-based layer whose heads put, on average, at least ``threshold`` of their mass on
     position 0 (the first-token sink), or ``None``."""
     share = stats.per_layer("pos0_share", "mean")
@@ -182,7 +185,8 @@ def first_sink_layer(stats: AttentionStats, threshold: float = 0.5) -> int | Non
     return int(hits[0]) if len(hits) else None
 
 
-def sink_vs_massive(stats: AttentionStats, massive_layer: int | None, threshold: float) -> dict[str, float | None]:
+def sink_vs_massive(stats: AttentionStats, massive_layer: int | None,
+                    threshold: float = SINK_SHARE) -> dict[str, float | None]:
     """Where the first-token sink starts relative to the massive layer (notebook 01's criterion): the first
     sink layer, their difference, and the largest mean mass on position 0 in the layers before the massive one."""
     share = stats.per_layer("pos0_share", "mean")
@@ -299,6 +303,7 @@ PAPER_AVGMASS = {
     "gpt2-large": [18.6, 12.6, 20.8, 23.9, 14.0, 6.0, 5.7, 2.6, 3.8, 4.0, 7.9, 7.1, 6.7, 8.0, 1.8, 2.2, 2.7, 1.7, 1.7,
                    1.6, 1.9, 1.15, 1.1, 1.1, 1.35, 1.05, 1.1, 1.05, 1.3, 1.0, 1.1, 1.05, 1.0, 1.3, 2.4, 3.4],
 }
+_PAPER_REF = "Inheritune v4 Fig. 1 (MaxRank), Fig. 14 (AvgMass)"
 _PAPER_NOTE = ("paper: the authors' self-trained OpenWebText GPT-2 (100K steps, inverse-layer logit scaling), read "
                "off their images; 0-based layers")
 
@@ -309,27 +314,26 @@ def depth_thirds(values: torch.Tensor) -> list[float]:
     return [float(p.mean()) for p in parts]
 
 
-def record_stats(key: str, stats: AttentionStats, sink_threshold: float, paper_key: str | None = None,
+def record_stats(key: str, stats: AttentionStats, sink_threshold: float = SINK_SHARE, paper_key: str | None = None,
                  massive_layer: int | None = None) -> None:
     """Record notebook 04's per-layer attention keys for ``key`` (DESIGN §9: ``attn/maxrank``, ``attn/avgmass``,
     ``attn/maxcol_share``) and the diagnostics beside them; the paper's curves go next to ``paper_key``'s; with
     the model's ``massive_layer``, where the sink starts relative to it (``sink_vs_massive``)."""
     from common.manifest import record
 
-    ref = "Inheritune v4 Fig. 1 (MaxRank), Fig. 14 (AvgMass)"
     paper_rank = PAPER_MAXRANK.get(paper_key) if paper_key else None
     paper_mass = PAPER_AVGMASS.get(paper_key) if paper_key else None
     note = f"N={stats.n_sequences} windows of T={stats.seq_len}, tau={stats.tau}, eta={stats.eta}; 0-based layers"
     if paper_rank:
         note += f"; {_PAPER_NOTE}. Ours are the OpenAI checkpoints, not the paper's self-trained models"
-    record(f"{key}/attn/maxrank", stats.max_rank(), paper=paper_rank, paper_ref=ref, note=note)
-    record(f"{key}/attn/avgmass", stats.avg_mass(), paper=paper_mass, paper_ref=ref, note=note)
+    record(f"{key}/attn/maxrank", stats.max_rank(), paper=paper_rank, paper_ref=_PAPER_REF, note=note)
+    record(f"{key}/attn/avgmass", stats.avg_mass(), paper=paper_mass, paper_ref=_PAPER_REF, note=note)
     record(f"{key}/attn/maxcol_share", stats.per_layer("maxcol_share"),
            note="largest column's share of the probability mass, max_j sum_i A_ij / T, mean over heads")
-    record(f"{key}/attn/maxcol_share_thirds", depth_thirds(stats.per_layer("maxcol_share")),
-           note="mean of maxcol_share over the first / middle / last third of the layers")
     thirds = {"maxcol_share": depth_thirds(stats.per_layer("maxcol_share")), "avgmass": depth_thirds(stats.avg_mass()),
               "maxrank": depth_thirds(stats.max_rank())}
+    record(f"{key}/attn/maxcol_share_thirds", thirds["maxcol_share"],
+           note="mean of maxcol_share over the first / middle / last third of the layers")
     for name, (first, _, last) in thirds.items():
         record(f"{key}/attn/{name}_last_over_first_third", last / first,
                note=f"mean {name} over the last third of the layers / over the first third ({first:.3g} -> {last:.3g})")
@@ -363,13 +367,12 @@ def record_paper_references(run_keys: tuple[str, ...]) -> None:
 
     for key in PAPER_MAXRANK:
         if key not in run_keys:
-            ref = "Inheritune v4 Fig. 1 (MaxRank), Fig. 14 (AvgMass)"
-            record(f"{key}/attn/maxrank", None, paper=PAPER_MAXRANK[key], paper_ref=ref, note=_PAPER_NOTE)
-            record(f"{key}/attn/avgmass", None, paper=PAPER_AVGMASS[key], paper_ref=ref, note=_PAPER_NOTE)
+            record(f"{key}/attn/maxrank", None, paper=PAPER_MAXRANK[key], paper_ref=_PAPER_REF, note=_PAPER_NOTE)
+            record(f"{key}/attn/avgmass", None, paper=PAPER_AVGMASS[key], paper_ref=_PAPER_REF, note=_PAPER_NOTE)
 
 
 def overview(stats: dict[str, AttentionStats], massive_layers: dict[str, int | None] | None = None,
-             sink_threshold: float = 0.3):
+             sink_threshold: float = SINK_SHARE):
     """One row per model: depth, the first / middle / last-third means of the largest-column share, AvgMass
     and MaxRank, the lazy layers, the share of collapsed heads, and (given) the massive and first sink layers."""
     import pandas as pd

@@ -95,8 +95,9 @@ def _openwebtext(split: str):
 
 
 def corpus_texts(corpus: str, split: str = "heldout") -> Sequence[str]:
-    """Documents of a corpus, in a fixed order (a list; for OpenWebText the dataset's lazy text column). Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2)
-    the paper corpus ``openwebtext`` is replaced by the ``small`` profile's ``wiki``."""
+    """Documents of a corpus, in a fixed order (a list; for OpenWebText the dataset's lazy text column).
+    Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2) the paper corpus ``openwebtext`` is replaced
+    by the ``small`` profile's ``wiki``."""
     if corpus == "openwebtext" and os.environ.get("REPRO_WEIGHTS") == "random":
         corpus = "wiki"
     if corpus == "wiki":
@@ -115,18 +116,18 @@ def token_stream(corpus: str, split: str, tokenizer: str = "byte") -> torch.Tens
     are cached (content-addressed, atomic) because tokenising OpenWebText takes hours."""
     if tokenizer not in ("byte", "gpt2"):
         raise ValueError(f"unknown tokenizer {tokenizer!r}; known: byte, gpt2")
-    docs = corpus_texts(corpus, split)
     if tokenizer == "byte" or os.environ.get("REPRO_WEIGHTS") == "random":
-        return torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8)
+        text = "\n\n".join(corpus_texts(corpus, split))
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
     from transformers import AutoTokenizer
 
     from common.config import cache_dir
 
     spec = get_spec("gpt2-medium")
     path = cache_dir() / "tokens" / f"{corpus}-{split}-gpt2-{spec.revision[:12]}.bin"
-    if not path.exists():
+    if not path.exists():  # the corpus is only opened when its stream is not cached yet
         tok = AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision)
-        write_token_file(docs, lambda batch: tok(batch, add_special_tokens=False)["input_ids"], path)
+        write_token_file(corpus_texts(corpus, split), lambda batch: tok(batch, add_special_tokens=False)["input_ids"], path)
     return torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="c"))  # windows are cast when drawn
 
 

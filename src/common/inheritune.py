@@ -152,12 +152,15 @@ def _save_checkpoint(path: str, model: GPT, opt: torch.optim.Optimizer, step: in
 
 
 def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Tensor, s: PretrainSettings,
-          seed: int = 0, steps: int | None = None, progress: Callable[[str], None] | None = None) -> Run:
+          seed: int = 0, steps: int | None = None, progress: Callable[[str], None] | None = None,
+          data_id: dict | None = None) -> Run:
     """Train ``model`` (already initialised as ``init`` describes) for ``steps`` (default ``s.steps``) with
-    the recipe ``s``, or return the cached run. Resumes from the last checkpoint of an interrupted run."""
+    the recipe ``s``, or return the cached run. Resumes from the last checkpoint of an interrupted run.
+    ``data_id`` (``{"train": ..., "val": ...}`` digests) spares hashing the streams again for every run."""
     steps = s.steps if steps is None else steps
+    data_id = data_id or {"train": data_digest(stream), "val": data_digest(val)}
     key = {"shape": model.config.shape(), "settings": asdict(s), "steps": steps, "seed": seed, "init": init,
-           "train": data_digest(stream), "val": data_digest(val)}
+           **data_id}
     final = cache_dir() / "inheritune" / _digest(key)
     if (final / "COMPLETE").exists():
         saved = json.loads((final / "run.json").read_text())
@@ -168,7 +171,7 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     dev = device()
     model.to(dev).train()
     opt = make_optimizer(model, s)
-    start, curve, seconds = 0, [], 0.0
+    start, curve, seconds, last = 0, [], 0.0, None
     if os.path.exists(ckpt):
         state = torch.load(ckpt, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
@@ -193,12 +196,13 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         seconds += time.perf_counter() - t0
         done = step + 1
         if done % s.eval_interval == 0 or done == steps:
-            curve.append((done, float(window_losses(model, val).mean())))
+            last = window_losses(model, val)
+            curve.append((done, float(last.mean())))
             if progress:
                 progress(f"{name}: step {done}/{steps} val {curve[-1][1]:.4f}")
         if done % s.ckpt_interval == 0 and done < steps:
             _save_checkpoint(ckpt, model, opt, done, curve, seconds)
-    losses = window_losses(model, val).tolist()
+    losses = (window_losses(model, val) if last is None else last).tolist()  # the final step was just evaluated
     run = Run(name, model.config.n_layer, steps, curve, losses,
               tokens_per_s=steps * s.grad_accum * s.batch_size * block / max(seconds, 1e-9), seconds=seconds,
               n_params=model.n_params(), init=init, shape=model.config.shape())
@@ -312,7 +316,7 @@ VARIANTS = ("inherit_first", "inherit_last", "inherit_middle", "random", "random
 @dataclass
 class Experiment:
     """Inheritune's comparison at one scale: the reference, the half-depth variants at equal steps (random
-    also at twice the steps), and the growth rounds. ``tolerance`` is the stopping rule's (D9)."""
+    also at twice the steps), and the growth rounds (with the stopping rule's tolerance, D9)."""
 
     reference: Run
     variants: dict[str, Run]
@@ -333,19 +337,21 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    data_id = {"train": data_digest(stream), "val": data_digest(val)}  # hashed once for every run
     model, init = random_init(ref_cfg, seed)
-    ref = train("reference", model, init, stream, val, s, seed, progress=progress)
+    ref = train("reference", model, init, stream, val, s, seed, progress=progress, data_id=data_id)
     reference = ref.load()
     half = ref_cfg.n_layer // 2
     ref_id = os.path.basename(ref.path)
 
     def inherited(which: str, n_layers: int = half, name: str = "") -> Run:
         target, how = inherit(reference, n_layers, which, seed=seed, reference_id=ref_id)
-        return train(name or f"inherit_{which}", target, how, stream, val, s, seed, progress=progress)
+        return train(name or f"inherit_{which}", target, how, stream, val, s, seed, progress=progress,
+                     data_id=data_id)
 
     def scratch(name: str, steps: int) -> Run:
         target, how = random_init(GPTConfig(**{**ref_cfg.shape(), "n_layer": half}), seed)
-        return train(name, target, how, stream, val, s, seed, steps=steps, progress=progress)
+        return train(name, target, how, stream, val, s, seed, steps=steps, progress=progress, data_id=data_id)
 
     build = {"inherit_first": lambda: inherited("first"), "inherit_last": lambda: inherited("last"),
              "inherit_middle": lambda: inherited("middle"), "random": lambda: scratch("random", s.steps),
@@ -414,11 +420,11 @@ def acceptance(exp: Experiment, ref_stats, target_stats) -> dict[str, float | bo
     Inheritune model's attention (``target_stats``). Values are reported; only S4a is a pass criterion on CPU."""
     rank, mass = ref_stats.max_rank(), ref_stats.avg_mass()
     n = len(rank)
-    last, first_half = rank[n - max(1, n // 3):], rank[: max(1, n // 2)]
+    last_third, first_half = slice(n - max(1, n // 3), None), slice(0, max(1, n // 2))
     out: dict[str, float | bool | None] = {
-        "s1_maxrank_last_third_over_first_half": float(last.mean() / first_half.mean()),
-        "s2_avgmass_last_third": float(mass[n - max(1, n // 3):].mean()),
-        "s2_avgmass_first3_over_last_third": float(mass[:3].mean() / mass[n - max(1, n // 3):].mean()),
+        "s1_maxrank_last_third_over_first_half": float(rank[last_third].mean() / rank[first_half].mean()),
+        "s2_avgmass_last_third": float(mass[last_third].mean()),
+        "s2_avgmass_first3_over_last_third": float(mass[:3].mean() / mass[last_third].mean()),
         "s3_lazy_layers": len(ref_stats.lazy_layers())}
     v, tol = exp.runs, exp.growth.tolerance
     first, rnd = v.get("inherit_first"), v.get("random")
