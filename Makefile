@@ -70,6 +70,7 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	TQDM_DISABLE=1 $(PY) bench/bench_perplexity.py
 	TQDM_DISABLE=1 $(PY) bench/bench_macdrop.py
 	TQDM_DISABLE=1 $(PY) bench/bench_attention.py
+	TQDM_DISABLE=1 $(PY) bench/bench_lowrank.py
 
 report: setup  ## regenerate the README results table from the manifests and claims.yaml
 	$(PY) -m common.report

@@ -29,6 +29,7 @@ class Arch:
     conv1d: bool = False  # weights stored [in, out] (GPT-2 Conv1D)
     post_ffn_norm: str = ""  # norm applied to the FFN output before the residual add (Gemma 2/3)
     norm_offset: float = 0.0  # RMSNorm gain = offset + weight (Gemma: 1 + w)
+    final_norm: str = "norm"  # the norm after the last layer, relative to the backbone
 
 
 _LLAMA = Arch("model", "layers", "self_attn", "mlp", "up_proj", "gate_proj", "down_proj")
@@ -47,9 +48,9 @@ FAMILIES: dict[str, Arch] = {
                    post_ffn_norm="post_feedforward_layernorm", norm_offset=1.0),
     "gemma3_text": _GEMMA_POST,
     "phi3": Arch("model", "layers", "self_attn", "mlp", "", "", "down_proj", gate_up="gate_up_proj"),
-    "gpt2": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj", conv1d=True),
+    "gpt2": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj", conv1d=True, final_norm="ln_f"),
     # the compact GPT Inheritune trains (common.gpt): GPT-2 names, nn.Linear storage
-    "nanogpt": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj"),
+    "nanogpt": Arch("transformer", "h", "attn", "mlp", "c_fc", "", "c_proj", final_norm="ln_f"),
 }
 
 
@@ -84,6 +85,18 @@ def backbone(model: nn.Module) -> nn.Module:
 def layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers."""
     return _get(backbone(model), arch_of(model).layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the LM head."""
+    return _get(backbone(model), arch_of(model).final_norm)
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The vocabulary projection (tied or not)."""
+    model = unwrap(model)
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else model.lm_head
 
 
 def attention(model: nn.Module, i: int) -> nn.Module:

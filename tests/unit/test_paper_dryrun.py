@@ -84,3 +84,23 @@ def test_dry_run_replaces_openwebtext_by_the_small_data(random_weights, monkeypa
     assert data.corpus_texts("openwebtext", "train") == ["first doc", "second"]
     stream = data.token_stream("openwebtext", "train", "gpt2")
     assert bytes(stream.tolist()) == b"first doc\n\nsecond"
+
+
+@pytest.mark.usefixtures("random_weights")
+def test_random_mistral7b_runs_notebook05_decomposition_and_search_offline():
+    """Notebook 05's paper path on the shrunk random Mistral-7B (GQA: k/v 1024 -> 64 wide, 14336 -> 896 MLP):
+    the shipped config has the paper's shape, the decomposition covers every unprotected projection with the
+    paper's kappa structure, and a perplexity search runs on it and respects its bound."""
+    from common import lowrank
+
+    full = models.random_config(models.get_spec("mistral-7b"))
+    assert (full.num_hidden_layers, full.hidden_size, full.intermediate_size, full.num_key_value_heads) == (32, 4096, 14336, 8)
+    assert lowrank.kappa(14336, 4096) == 3185 and lowrank.kappa(1024, 4096) == 819  # research §1.1's table
+    model, tok = models.load_model("mistral-7b")
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    decomps = lowrank.decompose_model(model, ids, [1], batch_size=2)
+    assert [d.target.kind for d in decomps.values()] == ["q", "k", "v", "o", "gate", "up", "down"]
+    state = lowrank.perplexity_search(model, decomps, lowrank.LayerInputs(model, ids, batch_size=2), tolerance=1.5,
+                                      protected=1, scan="bisect")
+    assert {s["layer"] for s in state.steps} == {1}
+    assert all(s["tried"][str(s["rank"])] <= s["bound"] for s in state.steps if s["rank"] is not None)
