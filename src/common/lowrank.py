@@ -717,6 +717,24 @@ class SearchState:
         return cls(**raw)
 
 
+def decomposition_digest(decomps: dict[str, Decomposition]) -> str:
+    """Short identity of a set of decompositions (their modules, output means and leading eigenvalues):
+    part of every cached result and search state computed from them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, d in decomps.items():
+        h.update(p.encode())
+        h.update(torch.cat([d.mean, d.spectra["centred"][0][:8], d.spectra["uncentred"][0][:8]]).double().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def search_order(decomps: dict[str, Decomposition], protected: int) -> list[Target]:
     """Modules back to front (last layer's last module first), skipping the first ``protected`` layers."""
     if protected < 0:
@@ -776,8 +794,8 @@ def perplexity_search(model: nn.Module, decomps: dict[str, Decomposition], input
     if tolerance < 1.0:
         raise ValueError(f"tolerance {tolerance} must be >= 1 (a per-module perplexity factor, e.g. 1.005)")
     protected = protected_layers(inputs.n_layers) if protected is None else protected
-    settings = {"tolerance": tolerance, "protected": protected, "scan": scan, "n": len(inputs.ids),
-                "T": inputs.ids.shape[1]}
+    settings = {"tolerance": tolerance, "protected": protected, "scan": scan, "windows": _ids_digest(inputs.ids),
+                "decompositions": decomposition_digest(decomps)}
     state = SearchState.load(state_path, "perplexity", method, settings)
     if state is None:
         state = SearchState("perplexity", method, settings, {"ppl": inputs.perplexity(0)})
@@ -809,7 +827,8 @@ def task_search(model: nn.Module, decomps: dict[str, Decomposition], chunks: Seq
     n_layers = split.inputs.n_layers
     protected = protected_layers(n_layers) if protected is None else protected
     settings = {"delta": delta, "protected": protected, "scan": scan, "layers": None if layers is None else list(layers),
-                "chunks": [len(c.docs) for c in chunks], "split": len(split.docs)}
+                "chunks": [_ids_digest(c.inputs.ids) for c in chunks], "split": _ids_digest(split.inputs.ids),
+                "decompositions": decomposition_digest(decomps)}
     state = SearchState.load(state_path, "task", method, settings)
     if state is None:
         state = SearchState("task", method, settings,

@@ -74,7 +74,8 @@ def uniform_table(model: nn.Module, key: str, decomps: dict[str, lowrank.Decompo
 
     layers = sorted({d.target.layer for d in decomps.values() if d.target.layer >= protected})
     docs = {n: mc.docs for n, mc in zero_shot.tasks.items()} if zero_shot else {}
-    base_key = {"model": weights_id(key), "windows": tensor_digest(windows.ids), "layers": layers,
+    base_key = {"model": weights_id(key), "decompositions": lowrank.decomposition_digest(decomps),
+                "windows": tensor_digest(windows.ids), "layers": layers,
                 "tasks": {n: len(d) for n, d in docs.items()}, "task_digest": _docs_digest(docs), "seed": seed}
 
     def cell(method: str, pct: int) -> dict:
@@ -147,12 +148,12 @@ def task_splits(docs: list[dict], chunk: float = 0.0666, n_chunks: int = 3, sear
                 seed: int = 42) -> TaskSplits:
     """Shuffle (``random.Random(seed)``, as the reference's lm-eval fork) and cut; the chunks lie inside
     the search split and the test split is disjoint from both (research §6.1 check 5)."""
-    if not 0 < chunk * n_chunks <= search < 1:
+    if not (0 < chunk and 0 < search < 1 and chunk * n_chunks <= search + 1e-9):
         raise ValueError(f"need 0 < {n_chunks} x chunk ({chunk}) <= search ({search}) < 1")
     docs = list(docs)
     random.Random(seed).shuffle(docs)
     n = len(docs)
-    size, cut = math.floor(chunk * n), math.floor(search * n)
+    size, cut = math.floor(chunk * n + 1e-9), math.floor(search * n + 1e-9)
     if size < 1:
         raise ValueError(f"{n} docs give empty chunks of {chunk:.3f} N; use more docs")
     return TaskSplits([docs[i * size:(i + 1) * size] for i in range(n_chunks)], docs[:cut], docs[cut:])
