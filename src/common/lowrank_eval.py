@@ -16,7 +16,7 @@ from torch import nn
 from common import lowrank, tasks
 from common.cache import CACHE_VERSION, cached, tensor_digest
 from common.config import cache_dir
-from common.evaluation import average_accuracy, bootstrap_ci
+from common.evaluation import average_accuracy
 from common.manifest import record
 from common.models import weights_id
 
@@ -129,6 +129,11 @@ def record_uniform(key: str, frame, tasks_note: str) -> None:
             record(f"{key}/lowrank/{pct}/feature_minus_svd_acc", cells.loc[("feature", pct), "acc"] - cells.loc[("weight_svd", pct), "acc"],
                    paper=None if pct not in (80, 50) else (TABLE_A[("feature", pct)] - TABLE_A[("weight_svd", pct)]) / 100,
                    paper_ref="SFSD Table A (LLaMA-7B)" if pct in (80, 50) else None)
+    pairs = [(cells.loc[("feature", p), "acc"], cells.loc[("weight_svd", p), "acc"]) for m, p in cells.index
+             if m == "feature" and ("weight_svd", p) in cells.index] if "acc" in frame else []
+    if pairs:
+        record(f"{key}/lowrank/feature_minus_svd_acc_mean", float(np.mean([f - w for f, w in pairs])),
+               note=f"mean over the {len(pairs)} uniform budgets of the accuracy difference")
 
 
 # ------------------------------------------------------------------------------ task search splits
@@ -221,10 +226,6 @@ def thirds(matrix: np.ndarray) -> list[float]:
     return [float(np.nanmean(matrix[p])) for p in parts]
 
 
-def accuracy_ci(correct: list[float], seed: int = 0) -> list[float]:
-    return bootstrap_ci(correct, seed=seed)
-
-
 def heldout_windows(tok, key: str, corpus: str, n_test: int, test_len: int, n_search: int,
                     search_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Test windows (the first ``n_test`` x ``test_len`` held-out tokens) and, after them and disjoint,
@@ -260,3 +261,20 @@ def layer_ends(state: lowrank.SearchState) -> list[int]:
         if i + 1 == len(layers) or layers[i + 1] != layer:
             ends.append(i + 1)
     return ends
+
+
+def mean_term_ablation(model: nn.Module, decomps: dict[str, lowrank.Decomposition], inputs: lowrank.LayerInputs,
+                       pct: int, layers: list[int]) -> dict[str, float]:
+    """Perplexity at rank pct% of kappa in ``layers`` with mean compensation everywhere except one module
+    kind, which gets ``feature_nomean``: which kind's mean term the model cannot do without. Also "none"
+    (every module compensated) and "all" (none compensated)."""
+    ranks = lowrank.uniform_ranks(decomps, pct, layers)
+    kinds = sorted({decomps[p].target.kind for p in ranks})
+    out = {}
+    for kind in ["none", *kinds, "all"]:
+        dropped = {p: r for p, r in ranks.items() if kind == "all" or decomps[p].target.kind == kind}
+        kept = {p: r for p, r in ranks.items() if p not in dropped}
+        with lowrank.decomposed(model, decomps, "feature_nomean", dropped), \
+                lowrank.decomposed(model, decomps, "feature", kept):
+            out[kind] = inputs.perplexity(min(layers))
+    return out
