@@ -160,14 +160,19 @@ class LayerInputs:
 
     ``targets`` [N, T] are the next-token ids scored where ``mask`` [N, T] is 1 (perplexity windows: every
     position but the last; multiple-choice requests: the continuation tokens). ``keep="all"`` caches every
-    layer's input; ``keep="first"`` only layer 0's (``advance`` then walks the stack one layer at a time)."""
+    layer's input, a list of layer indices only those (what a caller will start from: memory is
+    N x T x d per layer); ``keep="first"`` only layer 0's (``advance`` then walks the stack one layer at a time)."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                 batch_size: int = 8, keep: str = "all"):
+                 batch_size: int = 8, keep: str | Sequence[int] = "all"):
         if ids.ndim != 2 or ids.shape[1] < 2 or len(ids) == 0:
             raise ValueError(f"ids must be [N, T] with N >= 1 and T >= 2, got shape {tuple(ids.shape)}")
-        if keep not in ("all", "first"):
-            raise ValueError(f"keep must be 'all' or 'first', got {keep!r}")
+        n_layers = len(arch.layers(model))
+        if isinstance(keep, str) and keep not in ("all", "first"):
+            raise ValueError(f"keep must be 'all', 'first' or a list of layer indices, got {keep!r}")
+        kept = set(range(n_layers)) if keep == "all" else {0} if keep == "first" else set(keep)
+        if not kept or not kept <= set(range(n_layers)):
+            raise ValueError(f"keep={keep!r}: layer indices must lie in [0, {n_layers})")
         self.model, self.stack = model, arch.layers(model)
         dev = next(model.parameters()).device
         self.ids = ids
@@ -175,7 +180,6 @@ class LayerInputs:
             raise ValueError(f"mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}")
         self.mask = torch.ones_like(ids) if mask is None else mask  # [:, -1] is never read: nothing follows
         self.batches = [slice(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
-        n_layers = len(self.stack)
         self.hidden: list[list[torch.Tensor | None]] = [[None] * len(self.batches) for _ in range(n_layers)]
         self.calls: list[list[tuple]] = [[None] * len(self.batches) for _ in range(n_layers)]
         self.layer = 0  # with keep="first": the layer whose inputs ``hidden[layer]`` holds
@@ -187,7 +191,8 @@ class LayerInputs:
             def hook(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                self.hidden[i][at["b"]] = h.detach()
+                if i in kept:
+                    self.hidden[i][at["b"]] = h.detach()
                 self.calls[i][at["b"]] = (args[1:], rest)
                 if at["stop"]:
                     raise _Stop
@@ -211,9 +216,6 @@ class LayerInputs:
         finally:
             for h in handles:
                 h.remove()
-        if keep == "first":
-            for i in range(1, n_layers):
-                self.hidden[i] = [None] * len(self.batches)
 
     @property
     def n_layers(self) -> int:
@@ -890,9 +892,10 @@ class MultipleChoice:
 
 
 def multiple_choice(model: nn.Module, tok, key: str, docs: list[dict], metric: str, batch_size: int = 16,
-                    delimiter: str = " ") -> MultipleChoice:
+                    delimiter: str = " ", keep: str | Sequence[int] = "all") -> MultipleChoice:
     """Tokenise ``docs`` ({query, choices, gold}) the way lm-eval does (context, then the continuation as
-    the tokens of context + delimiter + choice beyond the context's) and cache the layer inputs."""
+    the tokens of context + delimiter + choice beyond the context's) and cache the inputs of the layers in
+    ``keep`` (``LayerInputs``: the layers scoring will start from)."""
     from common.models import get_spec
 
     if not docs:
@@ -916,4 +919,4 @@ def multiple_choice(model: nn.Module, tok, key: str, docs: list[dict], metric: s
     for j, (s, c) in enumerate(zip(seqs, starts, strict=True)):
         ids[j, :len(s)] = torch.tensor(s)
         mask[j, c - 1:len(s) - 1] = 1  # position t scores token t + 1
-    return MultipleChoice(docs, metric, LayerInputs(model, ids, mask, batch_size), doc_of, lengths)
+    return MultipleChoice(docs, metric, LayerInputs(model, ids, mask, batch_size, keep), doc_of, lengths)

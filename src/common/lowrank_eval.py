@@ -54,14 +54,15 @@ class Suite:
 
 
 def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: int, seed: int = 0,
-          batch_size: int = 16) -> Suite:
-    """The local zero-shot tasks of notebook 02, tokenised as lm-eval does (``tasks.TARGET_DELIMITER``)."""
+          batch_size: int = 16, keep: str | list[int] = "all") -> Suite:
+    """The local zero-shot tasks of notebook 02, tokenised as lm-eval does (``tasks.TARGET_DELIMITER``),
+    with the inputs of the layers in ``keep`` cached (``Suite.evaluate(start)`` needs ``start`` among them)."""
     unknown = [n for n in names if n not in tasks.LOCAL_TASKS]
     if unknown:
         raise ValueError(f"{unknown}: the cached scorer takes the local tasks ({', '.join(tasks.LOCAL_TASKS)}); "
                          "score lm-eval's hub tasks with common.evaluation.zero_shot")
     return Suite({n: lowrank.multiple_choice(model, tok, key, tasks.build_docs(n, n_items, seed),
-                                             tasks.LOCAL_TASKS[n].metric, batch_size, tasks.TARGET_DELIMITER)
+                                             tasks.LOCAL_TASKS[n].metric, batch_size, tasks.TARGET_DELIMITER, keep)
                   for n in names})
 
 
