@@ -468,7 +468,7 @@ def plot_uniform(frames: dict[str, object], paper: dict) -> plt.Figure:
                 err = np.abs(np.array(f.ci95.tolist()).T - f.acc.to_numpy())
                 axes[1][j].errorbar(100 * f.share, f.acc, yerr=err, marker="o", ms=3, color=PALETTE[i], capsize=2)
         axes[0][j].axhline(dense.ppl, color="k", lw=0.8, ls=":", label="dense")
-        _log_y(axes[0][j])
+        axes[0][j].set_yscale("log")  # 17 to 10^8: powers of ten
         axes[0][j].set_title(display_name(key), fontsize="small")
         axes[0][j].set_ylabel("held-out perplexity")
         if "acc" in frame:
@@ -493,31 +493,30 @@ def plot_mean_diagnosis(frame, massive_layer: int | None) -> plt.Figure:
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     if massive_layer is not None:
         ax.axvline(massive_layer, color="grey", ls="--", lw=1, label=f"massive layer {massive_layer}")
-    _log_y(ax)
+    ax.set_yscale("log")
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("discarded mean² / discarded variance")
     ax.legend(fontsize="x-small", ncol=4)
     return fig
 
 
-def plot_search(frame, base: float, test: list[tuple[float, float]] | None = None) -> plt.Figure:
-    """SFSD Table C / Fig. F2: search-split perplexity after each visited module against its bound
-    base x t^m, over the whole-model parameter share; test-split points when given."""
+def plot_search(frame, base: float, test: list[tuple[float, float]] | None = None, test_dense: float | None = None) -> plt.Figure:
+    """SFSD Table C / Fig. F2: search-split perplexity after each visited module, relative to the dense
+    model's, against its bound t^m, over the whole-model parameter share; test-split points (relative to
+    the dense test perplexity) when given."""
     fig, ax = plt.subplots(figsize=(5.2, 3.2), layout="constrained")
-    ppl = [np.nan] * len(frame)
-    last = base
-    for i, row in enumerate(frame.itertuples()):
+    ppl, last = [], base
+    for row in frame.itertuples():
         last = row.score if row.rank is not None else last
-        ppl[i] = last
+        ppl.append(last / base)
     share = 100 * frame.share.to_numpy()
     ax.plot(share, ppl, color=PALETTE[0], label="search split (accepted)")
-    ax.plot(share, frame.bound, color="k", ls=":", label="bound base·t^m")
-    if test:
-        ax.plot([100 * s for s, _ in test], [p for _, p in test], "o", color=PALETTE[1], label="test split")
+    ax.plot(share, frame.bound / base, color="k", ls=":", label="bound t^m")
+    if test and test_dense:
+        ax.plot([100 * s for s, _ in test], [p / test_dense for _, p in test], "o", color=PALETTE[1], label="test split")
     ax.invert_xaxis()
-    _log_y(ax)
     ax.set_xlabel("whole-model parameters (%)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity / dense")
     ax.legend(fontsize="x-small")
     return fig
 

@@ -5,7 +5,6 @@ Expected from the issue's orientation measurement (layers 4-29 at 0.8 kappa: fea
 and the cached-input evaluation must equal the plain forward."""
 
 import pytest
-import torch
 
 from common import data, evaluation, lowrank, models
 

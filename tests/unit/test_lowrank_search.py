@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -39,40 +40,42 @@ def _calibration(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 259, (8, 24), generator=g)
 
 
-@pytest.fixture(scope="module")
-def plain():
+@contextmanager
+def _loaded_one_thread():
+    """The tiny model in eval mode, built with one torch thread (module fixtures run outside ``one_thread``)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, tok = models.load_model(KEY)
-    model.eval()
-    decomps = lowrank.decompose_model(model, _calibration(), batch_size=4)
-    torch.set_num_threads(before)
-    return model, tok, decomps
+    try:
+        model, tok = models.load_model(KEY)
+        yield model.eval(), tok
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with _loaded_one_thread() as (model, tok):
+        return model, tok, lowrank.decompose_model(model, _calibration(), batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def sharp():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = models.load_model(KEY)
-    model.eval()
-    with torch.no_grad():
-        for layer in arch.layers(model):
-            for m in layer.modules():
-                if isinstance(m, nn.Linear):
-                    m.weight.mul_(10)
-        model.lm_head.weight.mul_(30)
-    decomps = lowrank.decompose_model(model, _calibration(), batch_size=4)
-    g = torch.Generator().manual_seed(0)
-    torch.randint(3, 259, (8, 24), generator=g)  # advance past the calibration draw (a fixed stream)
-    ids = torch.full((16, 1), tok.bos_token_id)
-    with torch.no_grad():
-        for _ in range(23):
-            p = model(ids).logits[:, -1].softmax(-1)
-            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
-    inputs = lowrank.LayerInputs(model, ids, batch_size=8)
-    torch.set_num_threads(before)
-    return model, tok, decomps, inputs
+    with _loaded_one_thread() as (model, tok):
+        with torch.no_grad():
+            for layer in arch.layers(model):
+                for m in layer.modules():
+                    if isinstance(m, nn.Linear):
+                        m.weight.mul_(10)
+            model.lm_head.weight.mul_(30)
+        decomps = lowrank.decompose_model(model, _calibration(), batch_size=4)
+        g = torch.Generator().manual_seed(0)
+        torch.randint(3, 259, (8, 24), generator=g)  # advance past the calibration draw (a fixed stream)
+        ids = torch.full((16, 1), tok.bos_token_id)
+        with torch.no_grad():
+            for _ in range(23):
+                p = model(ids).logits[:, -1].softmax(-1)
+                ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+        return model, tok, decomps, lowrank.LayerInputs(model, ids, batch_size=8)
 
 
 def _hf_ppl(model: nn.Module, ids: torch.Tensor) -> float:

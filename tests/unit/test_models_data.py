@@ -338,8 +338,8 @@ def test_random_weights_without_config_refused(monkeypatch: pytest.MonkeyPatch) 
     """REPRO_WEIGHTS=random for a model with no shipped config raises ValueError listing the ones with one."""
     monkeypatch.setenv("REPRO_WEIGHTS", "random")
     with pytest.raises(ValueError, match="no shipped config") as err:
-        models.load_model("mistral-7b")
-    assert "llama-3-8b" in str(err.value)
+        models.load_model("llama-2-13b")
+    assert "llama-3-8b" in str(err.value) and "mistral-7b" in str(err.value)
 
 
 def test_random_weights_from_shipped_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
