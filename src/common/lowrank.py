@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common import arch
+from common.cache import tensor_digest
 from common.manifest import write_json_atomic
 
 METHODS = ("weight_svd", "feature", "feature_nomean", "feature_uncentred")
@@ -731,12 +732,6 @@ def decomposition_digest(decomps: dict[str, Decomposition]) -> str:
     return h.hexdigest()[:16]
 
 
-def _ids_digest(ids: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def search_order(decomps: dict[str, Decomposition], protected: int) -> list[Target]:
     """Modules back to front (last layer's last module first), skipping the first ``protected`` layers."""
     if protected < 0:
@@ -796,7 +791,7 @@ def perplexity_search(model: nn.Module, decomps: dict[str, Decomposition], input
     if tolerance < 1.0:
         raise ValueError(f"tolerance {tolerance} must be >= 1 (a per-module perplexity factor, e.g. 1.005)")
     protected = protected_layers(inputs.n_layers) if protected is None else protected
-    settings = {"tolerance": tolerance, "protected": protected, "scan": scan, "windows": _ids_digest(inputs.ids),
+    settings = {"tolerance": tolerance, "protected": protected, "scan": scan, "windows": tensor_digest(inputs.ids),
                 "decompositions": decomposition_digest(decomps)}
     state = SearchState.load(state_path, "perplexity", method, settings)
     if state is None:
@@ -829,7 +824,7 @@ def task_search(model: nn.Module, decomps: dict[str, Decomposition], chunks: Seq
     n_layers = split.inputs.n_layers
     protected = protected_layers(n_layers) if protected is None else protected
     settings = {"delta": delta, "protected": protected, "scan": scan, "layers": None if layers is None else list(layers),
-                "chunks": [_ids_digest(c.inputs.ids) for c in chunks], "split": _ids_digest(split.inputs.ids),
+                "chunks": [tensor_digest(c.inputs.ids) for c in chunks], "split": tensor_digest(split.inputs.ids),
                 "decompositions": decomposition_digest(decomps)}
     state = SearchState.load(state_path, "task", method, settings)
     if state is None:
