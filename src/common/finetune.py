@@ -22,8 +22,8 @@ from pathlib import Path
 from torch import nn
 
 from common import __version__, arch, massive, models
-from common.config import TrainSettings, cache_dir, device
-from common.data import collate, pad_id
+from common.config import MacDropConfig, TrainSettings, cache_dir, device
+from common.data import collate, instruction_pairs, pad_id, tokenize_pairs
 from common.macdrop import MacDropCallback, Schedule
 from common.manifest import write_json_atomic
 
@@ -188,6 +188,15 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
            for e in trainer.state.log_history if "loss" in e]
     return FineTune(work / "adapter", log, macdrop.history if macdrop else [], seconds,
                     trainer.state.global_step)
+
+
+def datasets(cfg: MacDropConfig, key: str, tok) -> tuple[list[dict], list[dict]]:
+    """Notebook 03's tokenised (train, validation) instruction examples for ``key`` under ``cfg`` (the
+    fine-tuning data is part of an adapter's cache key, so every notebook that reuses the adapters builds
+    it here)."""
+    n = {"train": cfg.n_train, "val": cfg.n_val}
+    return tuple(tokenize_pairs(tok, key, instruction_pairs(cfg.corpus, split, n[split], cfg.seed), cfg.settings.max_len)
+                 for split in ("train", "val"))
 
 
 def load_tuned(key: str, tuned: FineTune) -> tuple[nn.Module, object]:

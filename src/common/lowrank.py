@@ -314,6 +314,13 @@ class Moments:
         out[self.n, self.n] = 1.0
         return out
 
+    def subset(self, idx: torch.Tensor) -> Moments:
+        """The moments of the coordinates ``idx`` only (of an output moment: a subset of the rows)."""
+        out = Moments(len(idx), self.gram.device)
+        out.shift, out.count = self.shift[idx], self.count
+        out.gram, out.total = self.gram[idx][:, idx].clone(), self.total[idx].clone()
+        return out
+
     def root(self, variant: str) -> torch.Tensor:
         """``psd_root`` of cov(x) ("centred", [n, n]) or of E[x~ x~^T] ("uncentred", [n+1, n+1]), computed
         once per variant (gate and up, which read the same input, share it)."""
@@ -608,21 +615,28 @@ def factorised(model: nn.Module, d: Decomposition, method: str, rank: int) -> Lo
 
 
 @contextmanager
-def decomposed(model: nn.Module, decomps: dict[str, Decomposition], method: str,
-               ranks: dict[str, int]) -> Iterator[nn.Module]:
-    """Within the block, every module in ``ranks`` ({path: rank}) is its factorised pair; the dense modules
-    are put back afterwards (also on errors), untouched."""
-    unknown = [p for p in ranks if p not in decomps]
-    if unknown:
-        raise KeyError(f"no decomposition for {unknown[:3]}; decompose those layers first")
-    originals = {p: model.get_submodule(p) for p in ranks}
+def swapped(model: nn.Module, replacements: dict[str, nn.Module | Callable[[], nn.Module]]) -> Iterator[nn.Module]:
+    """Within the block, each module path of ``replacements`` is the given module (or what the callable
+    builds, once the previous ones are in place); the original modules are put back afterwards (also on
+    errors), untouched."""
+    originals = {p: model.get_submodule(p) for p in replacements}
     try:
-        for p, r in ranks.items():
-            model.set_submodule(p, factorised(model, decomps[p], method, r))
+        for p, new in replacements.items():
+            model.set_submodule(p, new() if callable(new) and not isinstance(new, nn.Module) else new)
         yield model
     finally:
         for p, module in originals.items():
             model.set_submodule(p, module)
+
+
+def decomposed(model: nn.Module, decomps: dict[str, Decomposition], method: str,
+               ranks: dict[str, int]):
+    """Context: within the block, every module in ``ranks`` ({path: rank}) is its factorised pair; the
+    dense modules are put back afterwards (also on errors), untouched."""
+    unknown = [p for p in ranks if p not in decomps]
+    if unknown:
+        raise KeyError(f"no decomposition for {unknown[:3]}; decompose those layers first")
+    return swapped(model, {p: (lambda p=p, r=r: factorised(model, decomps[p], method, r)) for p, r in ranks.items()})
 
 
 def model_share(model: nn.Module, decomps: dict[str, Decomposition], ranks: dict[str, int], method: str = "feature") -> float:
@@ -659,6 +673,90 @@ def protected_layers(n_layers: int) -> int:
 
 
 # --------------------------------------------------------------------------------- spectra
+
+
+# --------------------------------------------------------------------- row-protected pairs (notebook 06)
+
+
+def layer_moments(model: nn.Module, calibration: torch.Tensor, layer: int, batch_size: int = 8,
+                  exclude_first: bool = False) -> dict[str, tuple[Moments, str]]:
+    """The statistics ``decompose_model`` gathers for the targets of ``layer`` ({path: (moments, side)},
+    side "output" or "input"), kept so that parts of a module can be decomposed from them."""
+    if calibration.ndim != 2 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration must be [N, T] windows with T >= 2, got shape {tuple(calibration.shape)}")
+    inputs = LayerInputs(model, calibration, batch_size=batch_size, keep=[layer])
+    return _layer_moments(dict(model.named_modules()), inputs, layer, targets(model, [layer]),
+                          next(model.parameters()).device, exclude_first)
+
+
+class RowProtectedLinear(nn.Module):
+    """y[rows] = W[rows] x + b0[rows] exactly (``exact``); every other output row from a low-rank ``pair``
+    (a ``LowRankLinear`` cut from those rows alone)."""
+
+    def __init__(self, exact: nn.Linear, pair: LowRankLinear, rows: torch.Tensor, m: int):
+        super().__init__()
+        self.exact, self.pair, self.m = exact, pair, m
+        keep = torch.ones(m, dtype=torch.bool)
+        keep[rows] = False
+        self.register_buffer("rows", rows.clone(), persistent=False)
+        self.register_buffer("rest", keep.nonzero().flatten().to(rows.device), persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.pair.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_empty(*x.shape[:-1], self.m)
+        y[..., self.rest] = self.pair(x)
+        y[..., self.rows] = self.exact(x)
+        return y
+
+
+def protected_rank(m: int, n: int, k: int, rank: int, bias: bool) -> int:
+    """The largest rank r' at which k exact rows plus a rank-r' pair over the other m - k rows have no more
+    parameters than the unprotected rank-``rank`` pair of the m x n module (the same budget)."""
+    if not 0 < k < m:
+        raise ValueError(f"k={k} protected rows must lie in [1, {m - 1}] for a {m} x {n} module")
+    spare = factor_params(m, n, rank, bias) - k * n - (m if bias else 0)
+    r = spare // (m - k + n)
+    if r < 1:
+        raise ValueError(f"rank {rank} leaves no budget for a pair after {k} exact rows of a {m} x {n} module "
+                         f"({k * n:,} parameters): raise the rank or protect fewer rows")
+    return r
+
+
+def protected_factorised(module: nn.Module, moments: Moments, side: str, rows: Sequence[int], method: str,
+                         rank: int) -> RowProtectedLinear:
+    """Keep the output ``rows`` of ``module`` exact and decompose the others with ``method`` at ``rank``,
+    from the module's calibration ``moments`` (``layer_moments``: input moments serve any row subset,
+    output moments are restricted to the kept rows)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    w = weight_of(module).detach()
+    m, n = w.shape
+    idx = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long, device=w.device)
+    if len(idx) != len(rows) or len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= m:
+        raise ValueError(f"rows must be distinct indices in [0, {m}), got {list(rows)[:8]}")
+    keep = torch.ones(m, dtype=torch.bool, device=w.device)
+    keep[idx] = False
+    rest = keep.nonzero().flatten()
+    bias = module.bias.detach() if module.bias is not None else None
+
+    def linear(weight: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+        lin = nn.Linear(n, len(weight), bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if b is not None:
+                lin.bias.copy_(b)
+        return lin
+
+    sub = linear(w[rest], None if bias is None else bias[rest])
+    sub_moments = moments if side == "input" else moments.subset(rest.to(moments.gram.device))
+    d = _decompose(Target(-1, "rest", "rest"), sub, sub_moments, side, rank)
+    check_rank(d, rank)
+    w1, w2, b = d.factors(sub, method, rank)
+    return RowProtectedLinear(linear(w[idx], None if bias is None else bias[idx]),
+                              LowRankLinear(w1, w2, b, w.dtype), idx, m)
 
 
 def energy_at(values: torch.Tensor, share: float = SPECTRUM_RANK, full: int | None = None) -> float:

@@ -145,6 +145,30 @@ def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def upstream(notebook: str, profile: str) -> dict:
+    """The manifest an earlier notebook wrote on ``profile`` (notebook 06 builds on notebooks 01-05):
+    ``{"run": ..., "records": {key: record}}``; a clear error names the command that writes it."""
+    from common.config import load_config
+
+    cfg = load_config(notebook, profile)
+    path = cfg.out_dir / "manifest.json"
+    if not path.exists():
+        number = notebook.split("_", 1)[0]
+        raise FileNotFoundError(f"{path.relative_to(REPO_ROOT)} does not exist: run notebook {notebook} on this "
+                                f"profile first (make reproduce NB={number} PROFILE={cfg.profile})")
+    data = load(path)
+    return {"run": data["run"], "records": {r["key"]: r for r in data["records"]}}
+
+
+def upstream_value(notebook: str, profile: str, key: str) -> Any:
+    """One recorded value of an earlier notebook's manifest (``upstream``); KeyError names what is missing."""
+    records = upstream(notebook, profile)["records"]
+    if key not in records:
+        raise KeyError(f"{notebook}'s manifest on profile {profile!r} has no {key!r}; re-run that notebook "
+                       "(its manifest predates the key)")
+    return records[key]["value"]
+
+
 def summary(records: list[dict] | None = None):
     """This run's numbers next to the paper's, as a DataFrame (the notebooks' last cell)."""
     import pandas as pd
