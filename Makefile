@@ -72,7 +72,7 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	TQDM_DISABLE=1 $(PY) bench/bench_attention.py
 	TQDM_DISABLE=1 $(PY) bench/bench_lowrank.py
 
-report: setup  ## regenerate the README results table from the manifests and claims.yaml
+report: setup  ## regenerate REPORT.md (each claim: paper vs ours, status, figure) and the README results table from the manifests + claims.yaml
 	$(PY) -m common.report
 
 clean:  ## remove build outputs (executed notebooks, smoke figures, caches) and bytecode
