@@ -61,8 +61,9 @@ test-notebooks:
 test-real:
 	TQDM_DISABLE=1 $(PY) -m pytest tests -m real -q -p no:cacheprovider
 
-lab: setup  ## open the notebooks in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+lab: setup  ## JupyterLab on the repository: notebooks/ to run, build/$(PROFILE)/ for the executed copies make reproduce left
+	@echo "notebooks/: the stripped notebooks (set PROFILE in the parameters cell); build/$(PROFILE)/: executed copies with outputs"
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR)
 
 bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.json
 	TQDM_DISABLE=1 $(PY) bench/bench_capture.py

@@ -696,10 +696,10 @@ class RowProtectedLinear(nn.Module):
     def __init__(self, exact: nn.Linear, pair: LowRankLinear, rows: torch.Tensor, m: int):
         super().__init__()
         self.exact, self.pair, self.m = exact, pair, m
-        keep = torch.ones(m, dtype=torch.bool)
+        keep = torch.ones(m, dtype=torch.bool, device=rows.device)
         keep[rows] = False
         self.register_buffer("rows", rows.clone(), persistent=False)
-        self.register_buffer("rest", keep.nonzero().flatten().to(rows.device), persistent=False)
+        self.register_buffer("rest", keep.nonzero().flatten(), persistent=False)
 
     @property
     def rank(self) -> int:
@@ -737,6 +737,8 @@ def protected_factorised(module: nn.Module, moments: Moments, side: str, rows: S
     idx = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long, device=w.device)
     if len(idx) != len(rows) or len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= m:
         raise ValueError(f"rows must be distinct indices in [0, {m}), got {list(rows)[:8]}")
+    if len(idx) == m:
+        raise ValueError(f"all {m} rows protected: nothing left to decompose (keep the module dense instead)")
     keep = torch.ones(m, dtype=torch.bool, device=w.device)
     keep[idx] = False
     rest = keep.nonzero().flatten()

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Manifest:
     run: dict
     records: list[dict] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def path(self) -> Path:
@@ -169,10 +171,25 @@ def upstream_value(notebook: str, profile: str, key: str) -> Any:
     return records[key]["value"]
 
 
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def summary(records: list[dict] | None = None):
-    """This run's numbers next to the paper's, as a DataFrame (the notebooks' last cell)."""
+    """This run's numbers next to the paper's, as a DataFrame (the notebooks' last cell). Also stores the
+    run's cost in the manifest's run block: ``wall_s`` since ``setup`` and the kernel's ``peak_rss_mb``
+    (read by notebooks/README.md's runtime table)."""
     import pandas as pd
 
-    rows = current().records if records is None else records
+    m = current()
+    m.run["wall_s"] = round(time.perf_counter() - m.started, 1)
+    m.run["peak_rss_mb"] = round(peak_memory_mb())
+    m.save()
+    rows = m.records if records is None else records
     df = pd.DataFrame(rows, columns=["key", "value", "ci95", "paper_value", "paper_ref", "note"])
     return df.set_index("key")

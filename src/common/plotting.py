@@ -270,13 +270,16 @@ def plot_macdrop_grid(grid, baseline: dict) -> plt.Figure:
 # ------------------------------------------------------------------------------- notebook 04 (Inheritune)
 
 
-def _log_y(ax: plt.Axes) -> None:
-    """Log y axis with plain numbers (1, 10, 100) instead of powers of ten."""
+def _log_axis(ax: plt.Axes, axis: str = "y", plain: bool = True) -> None:
+    """Log ``axis`` ("y" or "x") without minor tick labels; ``plain``: numbers (1, 10, 100) instead of
+    powers of ten."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    getattr(ax, f"set_{axis}scale")("log")
+    scale = getattr(ax, f"{axis}axis")
+    if plain:
+        scale.set_major_formatter(ScalarFormatter())
+    scale.set_minor_formatter(NullFormatter())
 
 
 def _band(ax: plt.Axes, y: np.ndarray, spread: np.ndarray | None, color, label: str, **style) -> None:
@@ -309,7 +312,7 @@ def plot_layer_metric(stats: dict, metric: str, heads: str, ylabel: str, paper: 
         ax.legend(fontsize="x-small")
     for ax in axes[0]:
         if log:
-            _log_y(ax)
+            _log_axis(ax)
     axes[0][0].set_ylabel(ylabel)
     return fig
 
@@ -363,7 +366,7 @@ def plot_tau_sweep(stats, taus: tuple[float, ...], title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.6, 2.8), layout="constrained")
     for j, tau in enumerate(taus):
         ax.plot(stats.rank_at(tau).numpy(), marker="o", ms=2.5, color=PALETTE[j], label=f"tau = {tau}")
-    _log_y(ax)
+    _log_axis(ax)
     ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("MaxRank")
     ax.set_title(title, fontsize="small")
@@ -421,7 +424,7 @@ def plot_rank_compare(curves: dict[str, tuple]) -> plt.Figure:
     for j, (label, (y, spread)) in enumerate(curves.items()):
         _band(ax, np.asarray(y), np.asarray(spread), PALETTE[j], label)
     ax.axhline(2.0, color="grey", lw=0.8, ls=":")
-    _log_y(ax)
+    _log_axis(ax)
     ax.set_xlabel("layer (0-based); dotted: lazy threshold 2")
     ax.set_ylabel("MaxRank")
     ax.legend(fontsize="x-small")
@@ -560,7 +563,7 @@ def plot_massive_vs_sink(frames: dict[str, object], massive_layers: dict[str, in
     for key, frame in frames.items():
         ax = axes[key]
         ax.plot(frame.index, frame.ratio, color=PALETTE[0], marker="o", ms=2.5, label="max |h₀| / median |h|")
-        ax.set_yscale("log")
+        _log_axis(ax, plain=False)
         ax.set_xlabel("layer (0-based)")
         _mark_layer(ax, massive_layers.get(key))
         twin = ax.twinx()
@@ -571,9 +574,11 @@ def plot_massive_vs_sink(frames: dict[str, object], massive_layers: dict[str, in
             ax.set_ylabel("first-token massive ratio", color=PALETTE[0])
         if key == list(frames)[-1]:
             twin.set_ylabel("attention mass on position 0", color=PALETTE[1])
-        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(lines, [h.get_label() for h in lines], fontsize="x-small", loc="center right")
-    fig.tight_layout()
+    lines = ax.get_legend_handles_labels()[0][:1] + twin.get_legend_handles_labels()[0]
+    lines.append(plt.Line2D([], [], color="grey", ls="--", lw=1, label="massive layer (notebook 01)"))
+    fig.legend(lines, [h.get_label() for h in lines], fontsize="small", loc="lower center", ncol=3,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -582,7 +587,7 @@ def _condition_style(name: str, i: int) -> dict:
         return {"color": "k", "lw": 1.6, "label": "unattacked"}
     if name.startswith("zero_top"):
         return {"color": PALETTE[3], "lw": 1.6, "label": f"massive rows zeroed (top-{name.removeprefix('zero_top')})"}
-    return {"color": PALETTE[0], "lw": 0.8, "alpha": 0.7, "label": "random rows zeroed" if i == 0 else None}
+    return {"color": PALETTE[0], "lw": 1.0, "ls": ":", "label": "random rows zeroed (one line a seed)" if i == 0 else None}
 
 
 def plot_ablation_attention(profiles: dict[str, dict], massive_layers: dict[str, int | None]) -> plt.Figure:
@@ -602,7 +607,7 @@ def plot_ablation_attention(profiles: dict[str, dict], massive_layers: dict[str,
             _mark_layer(ax, massive_layers.get(key))
         axes[0][j].set_title(display_name(key))
         axes[0][j].set_ylim(0, 1)
-        axes[1][j].set_yscale("log")
+        _log_axis(axes[1][j])
         axes[1][j].set_xlabel("layer (0-based)")
     axes[0][0].set_ylabel("attention mass on position 0")
     axes[1][0].set_ylabel("MaxRank (k*, max over heads)")
@@ -616,7 +621,7 @@ def plot_lazy_vs_rank(frame, corr: dict[str, dict], title: str) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.2), layout="constrained")
     left.plot(frame.index, frame.avgmass, color=PALETTE[0], marker="o", ms=2.5, label="AvgMass (m*)")
     left.plot(frame.index, frame.maxrank, color=PALETTE[2], marker="^", ms=2.5, label="MaxRank (k*)")
-    left.set_yscale("log")
+    _log_axis(left)
     left.set_xlabel("layer (0-based)")
     left.set_ylabel("attention rank / mass")
     twin = left.twinx()
@@ -629,7 +634,7 @@ def plot_lazy_vs_rank(frame, corr: dict[str, dict], title: str) -> plt.Figure:
     left.set_title(title, fontsize="small")
     points = right.scatter(frame.avgmass, frame.rank_fraction, c=frame.index, cmap="viridis", s=18)
     fig.colorbar(points, ax=right, label="layer")
-    right.set_xscale("log")
+    _log_axis(right, "x")
     right.set_xlabel("AvgMass (mean over heads of m*)")
     right.set_ylabel("rank / κ kept by the search")
     raw, flat = corr["avgmass"], corr["avgmass_detrended"]
@@ -647,43 +652,53 @@ MEAN_PART_LABELS = {"dense": "dense", "all": "μ (notebook 05)", "first_token": 
 
 
 def plot_mean_parts(share, ppl: dict[str, float], massive_layer: int | None) -> plt.Figure:
-    """Left: per layer and module kind, the share of the discarded mean energy carried by the first token's
-    part of the mean (log). Right: perplexity with the compensation built from each part (log)."""
+    """Left: per layer and module kind, the first token's mean output over the calibration mean in the
+    discarded directions (squared norms, log; 1 = as offset as the average token). Right: perplexity with
+    the compensation built from each part of the mean (log)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.4, 3.2), layout="constrained", width_ratios=(1.6, 1))
     kinds = [k for k in KIND_ORDER if k in set(share.kind)] or sorted(set(share.kind))
     for i, kind in enumerate(kinds):
         f = share[share.kind == kind].sort_values("layer")
-        left.plot(f.layer, f.share_first_token, marker="o", ms=2.5, color=PALETTE[i], label=kind)
+        left.plot(f.layer, f.first_over_mean, marker="o", ms=2.5, color=PALETTE[i], label=kind)
     _mark_layer(left, massive_layer)
-    left.set_yscale("log")
+    left.axhline(1.0, color="k", lw=0.8, ls=":")
+    _log_axis(left)
     left.set_xlabel("layer (0-based)")
-    left.set_ylabel("first-token share of lost mean²")
+    left.set_ylabel("‖(I−P)μ₀‖² / ‖(I−P)μ‖²")
     left.legend(fontsize="x-small", ncol=4)
     names = list(ppl)
     right.barh(range(len(names)), [ppl[n] for n in names], color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
     right.set_yticks(range(len(names)), [MEAN_PART_LABELS.get(n, n) for n in names], fontsize="x-small")
     right.invert_yaxis()
-    right.set_xscale("log")
+    _log_axis(right, "x", plain=False)
     right.set_xlabel("held-out perplexity (log)")
     return fig
 
 
+SCOPE_TITLES = {"all": "every module of the layer", "gate_up": "gate and up only"}
+
+
 def plot_protected(frame, dense: float, title: str) -> plt.Figure:
-    """Perplexity (relative to dense, log) against the massive layer's budget, per method, with and
-    without the massive gate/up rows kept exact."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.2), layout="constrained")
-    for i, method in enumerate(m for m in METHOD_LABELS if m in set(frame.method)):
-        for guarded, ls in ((False, "-"), (True, "--")):
-            f = frame[(frame.method == method) & (frame.protected == guarded)].sort_values("pct")
-            ax.plot(f.pct, f.ppl / dense, ls=ls, marker="o", ms=3, color=PALETTE[i],
-                    label=f"{METHOD_LABELS[method]}" + (", massive rows exact" if guarded else ""))
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("rank of every module of the layer (% of κ)")
-    ax.set_ylabel("perplexity / dense")
-    ax.set_title(title, fontsize="small")
-    ax.legend(fontsize="x-small")
+    """Perplexity (relative to dense, log) against the massive layer's budget, one panel per scope of
+    decomposed modules, per method, with and without the massive gate/up rows kept exact."""
+    frame = frame if "scope" in frame else frame.assign(scope="all")
+    scopes = list(dict.fromkeys(frame.scope))
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4.6 * len(scopes), 3.2), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, scope in zip(axes[0], scopes, strict=True):
+        f_scope = frame[frame.scope == scope]
+        for i, method in enumerate(m for m in METHOD_LABELS if m in set(f_scope.method)):
+            for guarded, ls in ((False, "-"), (True, "--")):
+                f = f_scope[(f_scope.method == method) & (f_scope.protected == guarded)].sort_values("pct")
+                ax.plot(f.pct, f.ppl / dense, ls=ls, marker="o", ms=3, color=PALETTE[i],
+                        label=f"{METHOD_LABELS[method]}" + (", massive rows exact" if guarded else ""))
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        _log_axis(ax)
+        ax.invert_xaxis()
+        ax.set_xlabel("rank (% of κ)")
+        ax.set_title(f"{title}: {SCOPE_TITLES.get(scope, scope)}", fontsize="small")
+    axes[0][0].set_ylabel("perplexity / dense")
+    axes[0][-1].legend(fontsize="x-small")
     return fig
 
 

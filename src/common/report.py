@@ -4,7 +4,7 @@ Nothing in either is typed by hand except each claim's wording, reason and paper
 manifest record's ``paper_value``). REPORT.md has one table per paper (the paper's value, ours on ``small`` and
 on ``paper`` where ``figures/paper/`` has manifests, check, tolerance, status and reason, figure) and the
 provenance of every manifest; the README gets a compact table between its ``results:start`` / ``results:end``
-markers. The output is deterministic (no timestamps), so a test can check the committed files are current;
+markers, notebooks/README.md the wall time and peak memory of each committed run (``runtime:start`` / ``end``). The output is deterministic (no timestamps), so a test can check the committed files are current;
 ``python -m common.report --check`` does the same without writing.
 """
 
@@ -23,6 +23,8 @@ from common.manifest import load
 README = REPO_ROOT / "README.md"
 REPORT = REPO_ROOT / "REPORT.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+NOTEBOOKS_README = REPO_ROOT / "notebooks" / "README.md"
+RUNTIME = ("<!-- runtime:start -->", "<!-- runtime:end -->")
 PROFILES = ("small", "paper")
 PAPER_ORDER = ("HoC", "SunMA", "Inheritune", "SFSD", "synthesis")
 PAPER_TITLES = {
@@ -213,18 +215,36 @@ def results_table(claims: list[Claim] | None = None, root: Path = FIGURES) -> st
     return "\n".join(lines)
 
 
-def render_readme(text: str, table: str) -> str:
-    """``text`` with the generated section replaced by ``table``."""
-    if START not in text or END not in text:
-        raise ValueError(f"README.md lacks the {START} / {END} markers")
-    block = f"{START}\n{table}\n{END}"
-    return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+def render_readme(text: str, table: str, markers: tuple[str, str] = (START, END), name: str = "README.md") -> str:
+    """``text`` with the generated section between ``markers`` replaced by ``table``."""
+    start, end = markers
+    if start not in text or end not in text:
+        raise ValueError(f"{name} lacks the {start} / {end} markers")
+    block = f"{start}\n{table}\n{end}"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
 
 
-def outputs(root: Path = FIGURES, readme: Path = README, report: Path = REPORT) -> dict[Path, str]:
+def runtime_table(root: Path = FIGURES) -> str:
+    """notebooks/README.md's cost table: per notebook and profile, the wall time and the kernel's peak
+    memory of the run that wrote the committed manifest (``run.wall_s``, ``run.peak_rss_mb``)."""
+    lines = ["| notebook | profile | wall time | peak memory (kernel RSS) | device | commit |", "|---|---|---|---|---|---|"]
+    for profile in PROFILES:
+        for path in sorted((Path(root) / profile).glob("*/manifest.json")):
+            run = load(path).get("run") or {}
+            wall, rss = run.get("wall_s"), run.get("peak_rss_mb")
+            lines.append(f"| {path.parent.name} | `{profile}` | {'—' if wall is None else f'{wall / 60:.1f} min'} | "
+                         f"{'—' if rss is None else f'{rss / 1024:.1f} GB'} | {_fmt(run.get('device'))} | "
+                         f"`{(run.get('git_sha') or '—')[:9]}` |")
+    return "\n".join(lines)
+
+
+def outputs(root: Path = FIGURES, readme: Path = README, report: Path = REPORT,
+            notebooks_readme: Path = NOTEBOOKS_README) -> dict[Path, str]:
     """What ``make report`` writes: {path: text}."""
     claims = load_claims()
-    return {report: report_markdown(claims, root), readme: render_readme(readme.read_text(), results_table(claims, root))}
+    return {report: report_markdown(claims, root), readme: render_readme(readme.read_text(), results_table(claims, root)),
+            notebooks_readme: render_readme(notebooks_readme.read_text(), runtime_table(root), RUNTIME,
+                                            "notebooks/README.md")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,13 +98,14 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], n_resamples: int = 
 def sink_summary(profile: SinkProfile, massive_layer: int | None,
                  threshold: float = attention.SINK_SHARE) -> dict:
     """Where the sink starts relative to the massive layer, and how closely the attention on position 0
-    follows the first token's massive value across layers (rank correlation of log ratio and mass)."""
+    follows the first token's massive value across layers: the rank correlation of layer l's mass on
+    position 0 with the log ratio of its *input* h_{l-1} (what its attention reads), l = 1..L-1."""
     f = profile.frame()
     out = attention.sink_vs_massive(profile.attention, massive_layer, threshold)
     out["ratio_at_massive"] = None if massive_layer is None else float(f.ratio.iloc[massive_layer])
-    out["pos0_share_after_massive"] = (None if massive_layer is None
-                                       else float(f.pos0_share.iloc[massive_layer + 1:].mean()))
-    out["correlation"] = rank_correlation(np.log10(f.ratio.to_numpy()), f.pos0_share.to_numpy())
+    after = f.pos0_share.iloc[massive_layer + 1:] if massive_layer is not None else f.pos0_share.iloc[:0]
+    out["pos0_share_after_massive"] = float(after.mean()) if len(after) else None
+    out["correlation"] = rank_correlation(np.log10(f.ratio.to_numpy()[:-1]), f.pos0_share.to_numpy()[1:])
     return out
 
 
@@ -240,7 +241,7 @@ def mean_parts(decomps: dict[str, lowrank.Decomposition], means: dict[str, tuple
         raise KeyError(f"no first-token means for {missing[:3]}; pass first_token_means(...) of the same modules")
     out = {}
     for p, d in decomps.items():
-        mu0, rest = (t.double() for t in means[p])
+        mu0, rest = (t.to(d.mean.device, torch.float64) for t in means[p])
         value = {"all": d.mean.double(), "first_token": mu0 / seq_len, "other_tokens": rest * (seq_len - 1) / seq_len,
                  "none": torch.zeros_like(mu0)}[part]
         out[p] = replace(d, mean=value.float())
@@ -253,7 +254,7 @@ def mean_consistency(decomps: dict[str, lowrank.Decomposition],
     when both come from the same model and calibration windows (a check that the parts add up)."""
     gaps = []
     for p, d in decomps.items():
-        mu0, rest = (t.double() for t in means[p])
+        mu0, rest = (t.to(d.mean.device, torch.float64) for t in means[p])
         total = (mu0 + (seq_len - 1) * rest) / seq_len
         gaps.append(float((total - d.mean.double()).norm() / d.mean.double().norm().clamp_min(1e-12)))
     return max(gaps)
@@ -261,41 +262,62 @@ def mean_consistency(decomps: dict[str, lowrank.Decomposition],
 
 def lost_mean_share(decomps: dict[str, lowrank.Decomposition], means: dict[str, tuple[torch.Tensor, torch.Tensor]],
                     seq_len: int, pct: float) -> pd.DataFrame:
-    """Per module at rank pct% of kappa: the share of the discarded mean energy ||(I - P_r) mu||^2 that the
-    first token's part mu_0 / T carries, ||(I - P_r) mu_0 / T||^2 / ||(I - P_r) mu||^2 (the two parts can
-    overlap, so the share can pass 1)."""
+    """Per module at rank pct% of kappa, in the directions the projection discards (I - P_r): the first
+    token's mean output against the calibration mean, ``first_over_mean`` = ||(I - P_r) mu_0||^2 /
+    ||(I - P_r) mu||^2 (1: the first token is as offset there as the average token; >> 1: its massive
+    output is what the mean term restores), and the share of the discarded mean energy its part mu_0 / T
+    carries, ``share_first_token`` = first_over_mean / T^2."""
     rows = []
     for p, d in decomps.items():
         r = lowrank.rank_for(pct / 100, d.kappa)
+        if r > d.full_rank("feature"):
+            raise ValueError(f"{d.target.path}: rank {r} exceeds the {d.full_rank('feature')} stored eigenvectors; "
+                             "lower pct or decompose with a larger keep")
         v = d.spectra["centred"][1][:, :r].double()
-        mu = torch.stack([d.mean.double(), means[p][0].double() / seq_len], dim=1)  # [m, 2]: mu, mu_0 / T
+        mu = torch.stack([d.mean.double(), means[p][0].to(d.mean.device, torch.float64)], dim=1)  # [m, 2]: mu, mu_0
         total, first = (mu - v @ (v.T @ mu)).square().sum(0).tolist()
+        ratio = first / total if total > 0 else float("nan")
         rows.append({"layer": d.target.layer, "kind": d.target.kind, "lost_mean": total,
-                     "share_first_token": first / total if total > 0 else float("nan")})
+                     "first_over_mean": ratio, "share_first_token": ratio / seq_len**2})
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- 5. protected low-rank massive layer
 
 
+def massive_rows(model: nn.Module, layer: int, channels: Sequence[int]) -> dict[str, list[int]]:
+    """{module path: output rows} that produce the intermediate ``channels`` of ``layer``: the rows of up
+    and gate (HoC's massive weights), both halves of a fused gate_up, GPT-2's ``c_fc``."""
+    paths = {id(m.weight): name for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    out: dict[str, list[int]] = {}
+    for block in arch.ffn_input_blocks(model, layer):
+        out.setdefault(paths[id(block.weight)], []).extend(int(c) + block.offset for c in channels)
+    return out
+
+
 def massive_layer_perplexity(model: nn.Module, decomps: dict[str, lowrank.Decomposition],
                              moments: dict[str, tuple[lowrank.Moments, str]], inputs: lowrank.LayerInputs,
-                             layer: int, rows: Sequence[int], method: str, pct: float, protect: bool) -> dict:
-    """Perplexity (from ``inputs``' cached layer inputs) with every module of the massive ``layer`` at rank
-    pct% of kappa; with ``protect`` the ``rows`` of gate and up stay exact and their pairs lose rank so
-    that each module keeps the same parameter count (``lowrank.protected_rank``). Also the parameters of
-    the layer's replaced modules, counted from the modules themselves."""
-    ranks = lowrank.uniform_ranks(decomps, pct, [layer])
+                             layer: int, rows: Sequence[int], method: str, pct: float, protect: bool,
+                             kinds: Sequence[str] | None = None) -> dict:
+    """Perplexity (from ``inputs``' cached layer inputs) with the modules of the massive ``layer`` (those of
+    ``kinds``, default all) at rank pct% of kappa; with ``protect`` the rows that produce the intermediate
+    channels ``rows`` (``massive_rows``: gate and up) stay exact and their pairs lose rank so that each module keeps the same parameter count
+    (``lowrank.protected_rank``). Also the parameters of the replaced modules, counted from the modules."""
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    ranks = {p: r for p, r in lowrank.uniform_ranks(decomps, pct, [layer]).items()
+             if kinds is None or decomps[p].target.kind in kinds}
     if not ranks:
-        raise ValueError(f"no decompositions of layer {layer}: decompose it first")
+        raise ValueError(f"no decompositions of layer {layer}" + (f" of kinds {list(kinds)}" if kinds else "")
+                         + ": decompose it first (module kinds: q, k, v, o, gate, up, down)")
+    exact = massive_rows(model, layer, rows) if protect else {}
     replacements, used = {}, {}
     for p, r in ranks.items():
         d = decomps[p]
-        if protect and d.target.kind in ("gate", "up"):
+        if p in exact:
             bias = d.has_bias or method == "feature"
-            used[p] = lowrank.protected_rank(d.m, d.n, len(rows), r, bias)
+            used[p] = lowrank.protected_rank(d.m, d.n, len(exact[p]), r, bias)
             replacements[p] = (lambda p=p, r=used[p]: lowrank.protected_factorised(
-                model.get_submodule(p), *moments[p], rows, method, r))
+                model.get_submodule(p), *moments[p], exact[p], method, r))
         else:
             used[p] = r
             replacements[p] = (lambda p=p, r=r: lowrank.factorised(model, decomps[p], method, r))
@@ -310,19 +332,19 @@ def massive_layer_perplexity(model: nn.Module, decomps: dict[str, lowrank.Decomp
 
 def compression_losses(model: nn.Module, calibration: torch.Tensor, layer: int, examples: list[dict],
                        pad_id: int, pcts: Sequence[float], method: str = "feature", batch_size: int = 8) -> dict:
-    """Held-out response loss of ``model`` dense (key 100) and with its ``layer`` decomposed at each pct% of
-    kappa (statistics of this model on ``calibration``: a fine-tuned model gets its own)."""
+    """Held-out response loss of ``model`` dense (key ``"dense"``) and with its ``layer`` decomposed at each
+    pct% of kappa (key pct; statistics of this model on ``calibration``: a fine-tuned model gets its own)."""
     decomps = lowrank.decompose_model(model, calibration, [layer], batch_size)
-    out = {100: evaluation.response_loss(model, examples, pad_id)}
+    out = {"dense": evaluation.response_loss(model, examples, pad_id, batch_size)}
     for pct in pcts:
         with lowrank.decomposed(model, decomps, method, lowrank.uniform_ranks(decomps, pct, [layer])):
-            out[pct] = evaluation.response_loss(model, examples, pad_id)
+            out[pct] = evaluation.response_loss(model, examples, pad_id, batch_size)
     return out
 
 
 def robustness_frame(losses: dict[tuple[str, int], dict]) -> pd.DataFrame:
-    """Rows (arm, seed), columns pct: the loss increase over the same model dense, loss(pct) - loss(100)."""
-    rows = {k: {pct: v[pct] - v[100] for pct in v if pct != 100} for k, v in losses.items()}
+    """Rows (arm, seed), columns pct: the loss increase over the same model dense, loss(pct) - loss("dense")."""
+    rows = {k: {pct: v[pct] - v["dense"] for pct in v if pct != "dense"} for k, v in losses.items()}
     frame = pd.DataFrame(rows).T
     frame.index = pd.MultiIndex.from_tuples(frame.index, names=["arm", "seed"])
     return frame

@@ -248,6 +248,21 @@ def test_record_model_and_summary(tmp_path: Path) -> None:
     assert list(other.index) == ["z/q"]
 
 
+def test_summary_stores_the_runs_cost(tmp_path: Path) -> None:
+    """``summary`` (every notebook's last cell) writes the wall time since ``setup`` and the kernel's peak
+    memory into the manifest's run block (notebooks/README.md's cost table reads them)."""
+    manifest.start(_cfg(tmp_path))
+    assert "wall_s" not in manifest.load(manifest.current().path)["run"]
+    ballast = bytearray(64 * 2**20)  # 64 MB touched: the peak cannot be below it
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    manifest.current().started -= 5.0  # as if setup ran 5 s ago
+    manifest.summary()
+    run = manifest.load(manifest.current().path)["run"]
+    assert 5.0 <= run["wall_s"] < 60 and run["peak_rss_mb"] >= 64
+    assert run["peak_rss_mb"] == pytest.approx(manifest.peak_memory_mb(), abs=1)
+    del ballast
+
+
 # ----------------------------------------------------------------------------------- evaluation
 
 

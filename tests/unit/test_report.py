@@ -238,3 +238,19 @@ def test_real_paper_model_claim_on_a_fake_paper_manifest(tmp_path, layer, status
                    profile="paper", notebook=c.notebook)
     assert evaluate(c, "paper", tmp_path).status == status
     assert evaluate(c, "small", tmp_path).status == NOT_RUN
+
+
+def test_runtime_table_reads_each_manifests_cost(tmp_path) -> None:
+    """notebooks/README.md's cost table comes from the manifests' run block; a manifest that predates the
+    cost fields shows a dash rather than a made-up number."""
+    write_manifest(tmp_path, [], run=RUN | {"wall_s": 90.0, "peak_rss_mb": 2048})
+    write_manifest(tmp_path, [], notebook="02_old")
+    table = report.runtime_table(tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith(f"| {NB}") or line.startswith("| 02_old")]
+    assert "1.5 min" in rows[0] and "2.0 GB" in rows[0] and "`012345678`" in rows[0]
+    assert rows[1].split(" | ")[2:4] == ["—", "—"]
+    readme = f"intro\n{report.RUNTIME[0]}\nstale\n{report.RUNTIME[1]}\n"
+    assert "1.5 min" in report.render_readme(readme, table, report.RUNTIME) and "stale" not in report.render_readme(
+        readme, table, report.RUNTIME)
+    with pytest.raises(ValueError, match="notebooks/README.md lacks"):
+        report.render_readme("no markers", table, report.RUNTIME, "notebooks/README.md")
