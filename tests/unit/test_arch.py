@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_families import FAMILY_NAMES, HIDDEN, INTER, N_LAYERS, VOCAB
+from tiny_families import FAMILY_NAMES, HIDDEN, INTER, N_LAYERS, VOCAB, hooked_forward
 from torch import nn
 
 from common import arch
@@ -27,15 +27,8 @@ def _ids(seed: int = 0, shape=(2, 8)) -> torch.Tensor:
 def _down_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """Full input of every layer's down projection (own hooks, not ``common.capture``)."""
     store: list[torch.Tensor | None] = [None] * len(arch.layers(model))
-    handles = [arch.down_proj(model, i).register_forward_pre_hook(
-        lambda _m, args, i=i: store.__setitem__(i, args[0].detach().clone()))
-        for i in range(len(store))]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, ids, lambda: [arch.down_proj(model, i).register_forward_pre_hook(
+        lambda _m, args, i=i: store.__setitem__(i, args[0].detach().clone())) for i in range(len(store))])
     return store
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_families import hooked_forward
 from torch import nn
 
 from common import lowrank, models
@@ -49,15 +50,9 @@ def calib() -> torch.Tensor:
 def _capture(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(input [N, T, n], output [N, T, m]) of each module, float64, from hooks on one dense forward."""
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [model.get_submodule(p).register_forward_hook(
+    hooked_forward(model, ids, lambda: [model.get_submodule(p).register_forward_hook(
         lambda _m, args, y, p=p: got.__setitem__(p, (args[0].detach().double(), y.detach().double())))
-        for p in paths]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+        for p in paths])
     return got
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import stats as scipy_stats
+from tiny_families import hooked_forward
 from torch import nn
 
 from common import (
@@ -393,14 +394,8 @@ def test_lazy_vs_compressible_planted_and_detrended(fast_bootstrap) -> None:
 def _outputs(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
     """Each module's whole output [N, T, m] (float64), from hooks on one forward of the full model."""
     got: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(p).register_forward_hook(
-        lambda _m, _a, y, p=p: got.__setitem__(p, y.detach().double())) for p in paths]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, ids, lambda: [model.get_submodule(p).register_forward_hook(
+        lambda _m, _a, y, p=p: got.__setitem__(p, y.detach().double())) for p in paths])
     return got
 
 

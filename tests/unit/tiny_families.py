@@ -56,3 +56,15 @@ def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(family))
     return model.eval()
+
+
+def hooked_forward(model: torch.nn.Module, ids: torch.Tensor, register) -> None:
+    """One no-grad forward of ``model`` on ``ids`` with the hooks ``register()`` returns (a list of handles),
+    removed afterwards, also on errors (the tests' own capture, independent of ``common.capture``)."""
+    handles = register()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
