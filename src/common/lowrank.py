@@ -411,6 +411,20 @@ class Decomposition:
             return self.svd[0].shape[1]
         return self.spectra["uncentred" if method == "feature_uncentred" else "centred"][1].shape[1]
 
+    def pair_has_bias(self, method: str) -> bool:
+        """Whether ``method``'s pair carries a bias: the module's own, or mean compensation's (``feature``)."""
+        return self.has_bias or method == "feature"
+
+    def discarded(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        """(I - P_r) x in float64: the part of ``x`` ([m] or [m, k]) outside the top-``rank`` centred output
+        directions, i.e. what the feature-space projection drops and mean compensation restores (§1.3)."""
+        if not 1 <= rank <= self.full_rank("feature"):
+            raise ValueError(f"{self.target.path}: rank {rank} outside [1, {self.full_rank('feature')}], the stored "
+                             "eigenvectors; use a lower rank or decompose with a larger keep")
+        v = self.spectra["centred"][1][:, :rank].double()
+        x = x.double()
+        return x - v @ (v.T @ x)
+
     def factors(self, module: nn.Module, method: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(W1 [r, n], W2 [m, r], b [m] or None) of ``method`` at ``rank`` for the dense ``module``."""
         if not 1 <= rank <= self.full_rank(method):
@@ -426,8 +440,7 @@ class Decomposition:
         w1 = v.T @ w
         b = None if b0 is None else v @ (v.T @ b0)
         if method == "feature":
-            mu = self.mean.double()
-            comp = mu - v @ (v.T @ mu)
+            comp = self.discarded(self.mean, rank)
             b = comp if b is None else b + comp
         return w1, v, b
 
@@ -646,8 +659,7 @@ def model_share(model: nn.Module, decomps: dict[str, Decomposition], ranks: dict
     after = total
     for p, r in ranks.items():
         d = decomps[p]
-        bias = d.has_bias or method == "feature"
-        after += factor_params(d.m, d.n, r, bias) - d.m * d.n - (d.m if d.has_bias else 0)
+        after += factor_params(d.m, d.n, r, d.pair_has_bias(method)) - d.m * d.n - (d.m if d.has_bias else 0)
     return after / total
 
 
@@ -672,9 +684,6 @@ def protected_layers(n_layers: int) -> int:
     return max(1, round(n_layers / 8))
 
 
-# --------------------------------------------------------------------------------- spectra
-
-
 # --------------------------------------------------------------------- row-protected pairs (notebook 06)
 
 
@@ -689,6 +698,13 @@ def layer_moments(model: nn.Module, calibration: torch.Tensor, layer: int, batch
                           next(model.parameters()).device, exclude_first)
 
 
+def _other_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """The indices of [0, m) not in ``rows``, ascending, on ``rows``' device."""
+    keep = torch.ones(m, dtype=torch.bool, device=rows.device)
+    keep[rows] = False
+    return keep.nonzero().flatten()
+
+
 class RowProtectedLinear(nn.Module):
     """y[rows] = W[rows] x + b0[rows] exactly (``exact``); every other output row from a low-rank ``pair``
     (a ``LowRankLinear`` cut from those rows alone)."""
@@ -696,10 +712,8 @@ class RowProtectedLinear(nn.Module):
     def __init__(self, exact: nn.Linear, pair: LowRankLinear, rows: torch.Tensor, m: int):
         super().__init__()
         self.exact, self.pair, self.m = exact, pair, m
-        keep = torch.ones(m, dtype=torch.bool, device=rows.device)
-        keep[rows] = False
         self.register_buffer("rows", rows.clone(), persistent=False)
-        self.register_buffer("rest", keep.nonzero().flatten(), persistent=False)
+        self.register_buffer("rest", _other_rows(rows, m), persistent=False)
 
     @property
     def rank(self) -> int:
@@ -739,9 +753,7 @@ def protected_factorised(module: nn.Module, moments: Moments, side: str, rows: S
         raise ValueError(f"rows must be distinct indices in [0, {m}), got {list(rows)[:8]}")
     if len(idx) == m:
         raise ValueError(f"all {m} rows protected: nothing left to decompose (keep the module dense instead)")
-    keep = torch.ones(m, dtype=torch.bool, device=w.device)
-    keep[idx] = False
-    rest = keep.nonzero().flatten()
+    rest = _other_rows(idx, m)
     bias = module.bias.detach() if module.bias is not None else None
 
     def linear(weight: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
@@ -759,6 +771,9 @@ def protected_factorised(module: nn.Module, moments: Moments, side: str, rows: S
     w1, w2, b = d.factors(sub, method, rank)
     return RowProtectedLinear(linear(w[idx], None if bias is None else bias[idx]),
                               LowRankLinear(w1, w2, b, w.dtype), idx, m)
+
+
+# --------------------------------------------------------------------------------- spectra
 
 
 def energy_at(values: torch.Tensor, share: float = SPECTRUM_RANK, full: int | None = None) -> float:

@@ -188,13 +188,10 @@ def mean_diagnosis(decomps: dict[str, lowrank.Decomposition], pct: int, layers: 
         if d.target.layer not in layers:
             continue
         r = lowrank.rank_for(pct / 100, d.kappa)
-        vals, vecs = d.spectra["centred"]
-        mu = d.mean.double()
-        v = vecs[:, :r].double()
-        lost_mean = float((mu - v @ (v.T @ mu)).square().sum())
-        lost_var = float(vals[r:].double().sum())
+        lost_mean = float(d.discarded(d.mean, r).square().sum())
+        lost_var = float(d.spectra["centred"][0][r:].double().sum())
         rows.append({"layer": d.target.layer, "kind": d.target.kind, "lost_mean": lost_mean, "lost_var": lost_var,
-                     "mean_norm2": float(mu.square().sum()), "ratio": lost_mean / max(lost_var, 1e-30)})
+                     "mean_norm2": float(d.mean.double().square().sum()), "ratio": lost_mean / max(lost_var, 1e-30)})
     return pd.DataFrame(rows)
 
 

@@ -269,13 +269,8 @@ def lost_mean_share(decomps: dict[str, lowrank.Decomposition], means: dict[str, 
     carries, ``share_first_token`` = first_over_mean / T^2."""
     rows = []
     for p, d in decomps.items():
-        r = lowrank.rank_for(pct / 100, d.kappa)
-        if r > d.full_rank("feature"):
-            raise ValueError(f"{d.target.path}: rank {r} exceeds the {d.full_rank('feature')} stored eigenvectors; "
-                             "lower pct or decompose with a larger keep")
-        v = d.spectra["centred"][1][:, :r].double()
         mu = torch.stack([d.mean.double(), means[p][0].to(d.mean.device, torch.float64)], dim=1)  # [m, 2]: mu, mu_0
-        total, first = (mu - v @ (v.T @ mu)).square().sum(0).tolist()
+        total, first = d.discarded(mu, lowrank.rank_for(pct / 100, d.kappa)).square().sum(0).tolist()
         ratio = first / total if total > 0 else float("nan")
         rows.append({"layer": d.target.layer, "kind": d.target.kind, "lost_mean": total,
                      "first_over_mean": ratio, "share_first_token": ratio / seq_len**2})
@@ -301,8 +296,9 @@ def massive_layer_perplexity(model: nn.Module, decomps: dict[str, lowrank.Decomp
                              kinds: Sequence[str] | None = None) -> dict:
     """Perplexity (from ``inputs``' cached layer inputs) with the modules of the massive ``layer`` (those of
     ``kinds``, default all) at rank pct% of kappa; with ``protect`` the rows that produce the intermediate
-    channels ``rows`` (``massive_rows``: gate and up) stay exact and their pairs lose rank so that each module keeps the same parameter count
-    (``lowrank.protected_rank``). Also the parameters of the replaced modules, counted from the modules."""
+    channels ``rows`` (``massive_rows``: gate and up) stay exact and their pairs lose rank so that each
+    module keeps the same parameter count (``lowrank.protected_rank``). Also the parameters of the replaced
+    modules, counted from the modules."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     ranks = {p: r for p, r in lowrank.uniform_ranks(decomps, pct, [layer]).items()
              if kinds is None or decomps[p].target.kind in kinds}
@@ -314,8 +310,7 @@ def massive_layer_perplexity(model: nn.Module, decomps: dict[str, lowrank.Decomp
     for p, r in ranks.items():
         d = decomps[p]
         if p in exact:
-            bias = d.has_bias or method == "feature"
-            used[p] = lowrank.protected_rank(d.m, d.n, len(exact[p]), r, bias)
+            used[p] = lowrank.protected_rank(d.m, d.n, len(exact[p]), r, d.pair_has_bias(method))
             replacements[p] = (lambda p=p, r=used[p]: lowrank.protected_factorised(
                 model.get_submodule(p), *moments[p], exact[p], method, r))
         else:
