@@ -18,7 +18,7 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 
-.PHONY: help setup models reproduce test lint test-unit test-notebooks test-real lab bench report clean
+.PHONY: help setup models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism lab bench report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,9 +45,14 @@ reproduce: setup models  ## run every notebook headless (NB=01 for one, PARAMS='
 	TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS))
 	$(MAKE) --no-print-directory report
 
-test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests
+dry-run: setup  ## GPU box: every notebook's paper path on random weights (full-size configs, bf16, small data, no network), then docs/PAPER_DRYRUN.md
+	REPRO_WEIGHTS=random $(PY) -m common.models prepare --profile paper
+	REPRO_WEIGHTS=random TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile paper --seed $(SEED) $(addprefix --param ,$(PARAMS))
+	REPRO_WEIGHTS=random TQDM_DISABLE=1 $(PY) bench/paper_dryrun.py
+
+test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests + the shrunk paper dry run
 	$(PY) -m common.models prepare smollm2-135m
-	$(MAKE) --no-print-directory lint test-unit test-notebooks test-real
+	$(MAKE) --no-print-directory lint test-unit test-notebooks test-determinism test-real test-dryrun
 
 lint:  ## ruff on the library, tests and benchmarks
 	$(VENV)/bin/ruff check src tests bench
@@ -61,6 +66,15 @@ test-notebooks:
 test-real:
 	TQDM_DISABLE=1 $(PY) -m pytest tests -m real -q -p no:cacheprovider
 
+test-determinism:  ## after test-notebooks: a second smoke run of every notebook on an empty cache gives the same manifests, exactly
+	@test -d build/figures/smoke || { echo "no smoke manifests: run make test-notebooks first"; exit 1; }
+	rm -rf build/determinism && mkdir -p build/determinism && cp -r build/figures/smoke build/determinism/first
+	REPRO_CACHE=$(CURDIR)/build/determinism/cache TQDM_DISABLE=1 $(PY) -m common.run --profile smoke
+	$(PY) -m common.manifest compare build/determinism/first build/figures/smoke
+
+test-dryrun:  ## every notebook's paper path on random weights, configs shrunk 16x (CPU; make dry-run is the full size)
+	REPRO_WEIGHTS=random REPRO_RANDOM_SHRINK=16 TQDM_DISABLE=1 $(PY) -m common.run --profile paper
+
 lab: setup  ## JupyterLab on the repository: notebooks/ to run, build/$(PROFILE)/ for the executed copies make reproduce left
 	@echo "notebooks/: the stripped notebooks (set PROFILE in the parameters cell); build/$(PROFILE)/: executed copies with outputs"
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR)
@@ -72,6 +86,8 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	TQDM_DISABLE=1 $(PY) bench/bench_macdrop.py
 	TQDM_DISABLE=1 $(PY) bench/bench_attention.py
 	TQDM_DISABLE=1 $(PY) bench/bench_lowrank.py
+	TQDM_DISABLE=1 $(PY) bench/bench_decompose.py
+	@sed -n '/<!-- table -->/,$$p' bench/README.md
 
 report: setup  ## regenerate REPORT.md (each claim: paper vs ours, status, figure) and the README results table from the manifests + claims.yaml
 	$(PY) -m common.report

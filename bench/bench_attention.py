@@ -3,7 +3,8 @@
 1. the batched metrics (one float64 ``eigvalsh`` of A A^T over every head) vs the per-head SVD loop (the
    reference implementation, as the authors' demo computes them) on the same stacked matrices: SmolLM2-135M's
    real attention probabilities, every layer and head of 8 wiki windows of T = 100 (2,160 matrices); the
-   values are checked identical first;
+   values are checked identical first; and vs the Inheritune demo's own rank loop (``reference.demo_energy_rank``:
+   one float32 ``svdvals`` per matrix, k* only), checked to give the same k* on the same matrices;
 2. the whole analysis pass (eager forward + hooks + metrics, ``capture_attention``) vs two plain backbone
    forwards of the same 32 windows (target: <= 1.0, i.e. no more than two forward passes);
    integer metrics (k*, m*, sink) must be identical, the float ones equal to 1e-9 relative (the entropy
@@ -15,6 +16,7 @@ import time
 
 import torch
 from common_bench import interleaved, save
+from reference import demo_energy_rank
 
 from common import arch, attention, config, data, inheritune, models
 
@@ -33,8 +35,10 @@ def main() -> None:
         same = torch.equal(batched[name], loop[name]) if not batched[name].is_floating_point() else \
             torch.allclose(batched[name], loop[name], rtol=rtol, atol=1e-12)
         assert same, f"batched and per-head loop disagree on {name}"
+    assert torch.equal(demo_energy_rank(stack), batched["rank"]), "the Inheritune demo's k* differs from ours"
     t_metrics = interleaved({"batched": lambda: attention.head_metrics(stack),
-                             "per_head_loop": lambda: attention.head_metrics_loop(stack)}, repeats=3)
+                             "per_head_loop": lambda: attention.head_metrics_loop(stack),
+                             "inheritune_demo_rank": lambda: demo_energy_rank(stack)}, repeats=3)
     body = arch.backbone(model)
     batches = windows.split(8)
 
@@ -59,12 +63,14 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
     tokens_per_s = steps * cfg.train.batch_size * cfg.reference.block_size / (time.perf_counter() - t)
     ratios = {"per_head_loop_over_batched": t_metrics["per_head_loop"] / t_metrics["batched"],
+              "inheritune_demo_rank_over_batched": t_metrics["inheritune_demo_rank"] / t_metrics["batched"],
               "analysis_pass_over_two_forwards": t_pass["analysis"] / t_pass["two_forwards"]}
     for name, r in ratios.items():
         print(f"{name:36s} {r:6.3f}x")
     print(f"byte GPT training: {tokens_per_s:,.0f} tokens/s")
     print("->", save("attention_metrics", {"model": KEY, "matrices": list(stack.shape), "seconds": {**t_metrics, **t_pass},
                                           "gpt_tokens_per_s": tokens_per_s, "ratios": ratios,
+                                          "reference": "Inheritune attention_demos.ipynb: svdvals per matrix, k* only (all five metrics batched)",
                                           "target": "loop/batched > 1; analysis <= 2 forwards (ratio <= 1)"}))
 
 

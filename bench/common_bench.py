@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +28,28 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
             fn()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak memory ``fn`` adds, in MiB: on CUDA the allocator's peak above what was allocated before; on CPU
+    the peak resident-set growth (Linux: the high-water mark reset through /proc/self/clear_refs, freed heap
+    returned with malloc_trim first, so one side's leftovers do not hide the other's peak)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _rss_kb("VmRSS")
+    fn()
+    return (_rss_kb("VmHWM") - base) / 1024
 
 
 def save(name: str, result: dict) -> Path:

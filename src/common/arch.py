@@ -87,6 +87,14 @@ def layers(model: nn.Module) -> nn.ModuleList:
     return _get(backbone(model), arch_of(model).layers)
 
 
+def layer(model: nn.Module, i: int) -> nn.Module:
+    """Decoder layer ``i``: a ValueError for ``i`` outside [0, L) (never Python's wrap-around of -1)."""
+    stack = layers(model)
+    if not 0 <= i < len(stack):
+        raise ValueError(f"layer {i} is outside the model's {len(stack)} layers; pick 0 <= layer < {len(stack)}")
+    return stack[i]
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm between the last decoder layer and the LM head."""
     return _get(backbone(model), arch_of(model).final_norm)
@@ -99,14 +107,29 @@ def lm_head(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model.lm_head
 
 
+def check_ids(model: nn.Module, ids: torch.Tensor, name: str = "ids") -> None:
+    """Refuse anything but a non-empty [B, T] torch.long tensor of ids inside the model's vocabulary (torch would
+    fail deep inside the embedding, or on CUDA with a device-side assert)."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty [B, T] tensor of token ids, got shape "
+                         f"{tuple(getattr(ids, 'shape', ()))}")
+    if ids.dtype != torch.long:
+        raise TypeError(f"{name} must be torch.long token ids, got {ids.dtype}; tokenise the text, or call .long()")
+    vocab = lm_head(model).weight.shape[0]
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}, outside the model's vocabulary [0, {vocab}); "
+                         "encode with the model's own tokenizer")
+
+
 def attention(model: nn.Module, i: int) -> nn.Module:
     """Self-attention module of layer ``i``."""
-    return _get(layers(model)[i], arch_of(model).attn)
+    return _get(layer(model, i), arch_of(model).attn)
 
 
 def mlp(model: nn.Module, i: int) -> nn.Module:
     """FFN module of layer ``i``."""
-    return _get(layers(model)[i], arch_of(model).mlp)
+    return _get(layer(model, i), arch_of(model).mlp)
 
 
 def down_proj(model: nn.Module, i: int) -> nn.Module:
@@ -117,7 +140,7 @@ def down_proj(model: nn.Module, i: int) -> nn.Module:
 def post_ffn_norm(model: nn.Module, i: int) -> nn.Module | None:
     """Norm applied to the FFN output before the residual add (Gemma 2/3), else ``None``."""
     a = arch_of(model)
-    return _get(layers(model)[i], a.post_ffn_norm) if a.post_ffn_norm else None
+    return _get(layer(model, i), a.post_ffn_norm) if a.post_ffn_norm else None
 
 
 def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor:

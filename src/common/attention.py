@@ -49,6 +49,9 @@ def _check_square(attn: torch.Tensor) -> int:
         raise ValueError(f"attention matrices must be [..., T, T], got shape {tuple(attn.shape)}")
     if not attn.is_floating_point():
         raise TypeError(f"attention matrices must be floating point, got {attn.dtype}")
+    if attn.shape[-1] == 0 or not torch.isfinite(attn).all():
+        raise ValueError(f"attention matrices must be non-empty and finite, got shape {tuple(attn.shape)} with "
+                         "NaN/inf or no entries (fp16 overflow? capture them in float32)")
     return attn.shape[-1]
 
 
@@ -61,6 +64,9 @@ def count_to_share(values: torch.Tensor, share: float) -> torch.Tensor:
     """The fewest leading entries of ``values`` ([..., K], sorted as they should be summed) whose cumulative
     sum reaches ``share`` of the total: the counting step of k* (eq. 2) and m* (App. C)."""
     _check_level("share", share)
+    if values.shape[-1] == 0 or not torch.isfinite(values).all():
+        raise ValueError(f"values must be non-empty and finite, got shape {tuple(values.shape)} with NaN/inf or no "
+                         "entries (an all-zero attention matrix has no energy to share)")
     cum = values.cumsum(-1)
     total = cum[..., -1:]
     reached = cum >= (share - _SLACK) * total
@@ -190,6 +196,8 @@ def sink_vs_massive(stats: AttentionStats, massive_layer: int | None,
     """Where the first-token sink starts relative to the massive layer (notebook 01's criterion): the first
     sink layer, their difference, and the largest mean mass on position 0 in the layers before the massive one."""
     share = stats.per_layer("pos0_share", "mean")
+    if massive_layer is not None and not 0 <= massive_layer < len(share):
+        raise ValueError(f"massive layer {massive_layer} is outside the {len(share)} layers of the statistics")
     first = first_sink_layer(stats, threshold)
     if massive_layer is None:
         return {"first_sink_layer": first, "sink_minus_massive_layer": None, "pos0_share_before_massive": None}
@@ -256,8 +264,7 @@ def capture_attention(model: torch.nn.Module, batches: Iterable[torch.Tensor], t
     try:
         with eager_attention(model):
             for ids in batches:
-                if ids.ndim != 2:
-                    raise ValueError(f"batches must be [B, T] token ids, got shape {tuple(ids.shape)}")
+                arch.check_ids(model, ids, "each batch")
                 if context is not None and ids.shape[1] > context:
                     raise ValueError(f"T={ids.shape[1]} exceeds the model's context of {context} tokens; "
                                      "use shorter windows")
@@ -270,7 +277,8 @@ def capture_attention(model: torch.nn.Module, batches: Iterable[torch.Tensor], t
         raise ValueError("no batches: pass at least one [B, T] batch of token ids")
     metrics = {name: torch.stack([torch.cat([c[name] for c in chunks]) for chunks in per_layer], dim=1)
                for name in METRICS}
-    return AttentionStats(metrics, torch.stack(sums).cpu() / n_seq, tau, eta, seq_len)
+    # sums to the CPU per layer: under device_map="auto" the layers live on different GPUs
+    return AttentionStats(metrics, torch.stack([s.cpu() for s in sums]) / n_seq, tau, eta, seq_len)
 
 
 @torch.no_grad()

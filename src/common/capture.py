@@ -63,7 +63,8 @@ class _Recorder:
     def result(self) -> Stats:
         out = Stats(seq_len=self.seq_len)
         for (kind, point), per_layer in self.data.items():
-            stacked = torch.stack([torch.cat(chunks) for chunks in per_layer], dim=1).cpu()
+            # to the CPU per layer: under device_map="auto" the layers live on different GPUs
+            stacked = torch.stack([torch.cat(chunks).cpu() for chunks in per_layer], dim=1)
             getattr(out, kind)[point] = stacked
         return out
 
@@ -120,7 +121,14 @@ def capture(model: torch.nn.Module, batches: Iterable[torch.Tensor], points: Ite
     """
     body = arch.backbone(model)
     dev = next(model.parameters()).device
+    if whole and k < 1:
+        raise ValueError(f"k={k}: whole=True keeps the top-k |x| of each sequence; pick k >= 1")
+    seen = 0
     with recording(model, points, whole, k) as rec:
         for ids in batches:
+            arch.check_ids(model, ids, "each batch")
             body(input_ids=ids.to(dev), use_cache=False)
+            seen += 1
+    if not seen:
+        raise ValueError("no batches: pass at least one [B, T] batch of token ids")
     return rec.result()

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from common import REPO_ROOT
+from common.config import PROFILE_NAMES
 from common.manifest import load
 
 CLAIMS_FILE = REPO_ROOT / "claims.yaml"
@@ -130,6 +131,8 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
 
 def holds(op: str, actual: object, target: object) -> bool:
     """Whether ``actual`` satisfies the check ``op target``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
     if op == "null":
         return actual is None
     if op == "not_null":
@@ -143,12 +146,16 @@ def holds(op: str, actual: object, target: object) -> bool:
 
 def within(tolerance: dict, actual: float, paper: float) -> bool:
     """Whether ``actual`` is within ``tolerance`` (``{rel: x}`` or ``{abs: x}``) of ``paper``."""
+    if not isinstance(tolerance, dict) or len(tolerance) != 1 or next(iter(tolerance)) not in TOLERANCE_KINDS:
+        raise ValueError(f"tolerance must be {{rel: x}} or {{abs: x}}, not {tolerance!r}")
     (kind, x), = tolerance.items()
     bound = x * abs(paper) if kind == "rel" else x
     return abs(actual - paper) <= bound + 1e-12 * max(1.0, abs(paper))
 
 
 def manifest_path(notebook: str, profile: str = "small", root: Path = FIGURES) -> Path:
+    if profile not in PROFILE_NAMES:
+        raise ValueError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILE_NAMES)}")
     return Path(root) / profile / notebook / "manifest.json"
 
 

@@ -42,12 +42,19 @@ class NotebookConfig:
     notebook: str = ""
     profile: str = ""
     seed: int = 0
+    dry_run: bool = False  # REPRO_WEIGHTS=random: random weights, DRY_RUNS overrides (never committed)
+
+    @property
+    def run_name(self) -> str:
+        """``<profile>``, or ``<profile>-dryrun`` under the random-weight dry run."""
+        return f"{self.profile}-dryrun" if self.dry_run else self.profile
 
     @property
     def out_dir(self) -> Path:
-        """Where figures and the manifest go: committed ``figures/`` except for ``smoke``."""
-        root = REPO_ROOT / "build" / "figures" if self.profile == "smoke" else REPO_ROOT / "figures"
-        return root / self.profile / self.notebook
+        """Where figures and the manifest go: committed ``figures/`` except for ``smoke`` and dry runs."""
+        scratch = self.profile == "smoke" or self.dry_run
+        root = REPO_ROOT / "build" / "figures" if scratch else REPO_ROOT / "figures"
+        return root / self.run_name / self.notebook
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,7 @@ class SynthesisConfig(NotebookConfig):
 # notebook past its 30-minute budget (about 40 minutes cold): with one seed its Table 4 reading flips sign.
 _SMALL_TRAIN = TrainSettings(lr=1e-3, epochs=3, batch_size=8, grad_accum=1, max_len=96, save_steps=12)
 _SMOKE_TRAIN = TrainSettings(lr=1e-3, epochs=2, batch_size=4, grad_accum=2, max_len=128, save_steps=2)
+_PAPER_TRAIN = TrainSettings(grad_accum=32, gradient_checkpointing=True, bf16=True, save_steps=50)
 
 PROFILES: dict[str, dict[str, NotebookConfig]] = {
     "smoke": {
@@ -287,15 +295,15 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
         "06_synthesis": SynthesisConfig(models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m")),
     },
     "paper": {
-        # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; until the paper data ships (issue 9) the
-        # paper profile takes its windows from the held-out wiki split (said in the notebook).
+        # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; RedPajama is not among the downloaded paper
+        # data, so the windows come from WikiText-2's test split (said in the notebook).
         "01_massive_activation_origin": MassiveOriginConfig(
-            models=("llama-2-7b", "llama-3-8b", "mistral-7b"), corpus="wiki", n_windows=10, window_len=4096,
+            models=("llama-2-7b", "llama-3-8b", "mistral-7b"), corpus="wikitext2", n_windows=10, window_len=4096,
             batch_size=1),
-        # HoC Table 1 uses WikiText-2 / C4 / PG-19 with 4096-token windows; until the paper data ships
-        # (issue 9) perplexity runs on held-out wiki windows. The zero-shot tasks are the paper's five.
+        # HoC Table 1's WikiText-2 column with 4096-token windows (C4 / PG-19 are downloaded too: set
+        # corpus="c4" or "pg19" for those columns). The zero-shot tasks are the paper's five.
         "02_massive_weight_ablation": AblationConfig(
-            models=("llama-3-8b", "llama-2-7b", "mistral-7b"), corpus="wiki", n_windows=10, window_len=4096,
+            models=("llama-3-8b", "llama-2-7b", "mistral-7b"), corpus="wikitext2", n_windows=10, window_len=4096,
             batch_size=1, tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None,
             sweep_model="llama-3-8b", sweep_tasks=("arc_easy", "boolq"), sweep_n_items=200),
         # HoC §4.1: alpaca-gpt4, LoRA/DoRA r16 a16 on all linear layers, lr 1e-4, 3 epochs, effective batch
@@ -304,10 +312,10 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             runs=(("llama-3-8b", ("lora", "lora_macdrop", "dora", "dora_macdrop"), (42,)),
                   ("mistral-7b", ("lora", "lora_macdrop", "dora", "dora_macdrop"), (42,))),
             corpus="alpaca-gpt4", n_train=None, n_val=2600,
-            settings=TrainSettings(grad_accum=32, gradient_checkpointing=True, bf16=True, save_steps=50),
+            settings=_PAPER_TRAIN,
             tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None, batch_size=8,
             full_grid=True, grid_model="llama-3-8b",
-            grid_settings=TrainSettings(grad_accum=32, gradient_checkpointing=True, bf16=True),
+            grid_settings=_PAPER_TRAIN,
             grid_tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande")),
         # Inheritune §2 / App. F.2: the OpenAI GPT-2 checkpoints (not the paper's self-trained models) on
         # N = 100 windows of T = 100 tokens, and the paper's GPT-2 medium recipe: 24 layers, d 1024, 16 heads,
@@ -322,19 +330,80 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             max_rounds=3, n_analysis=100),
         # SFSD §2: LLaMA-7B (LLaMA-1) and Mistral-7B, 512 x 128 calibration tokens, the six commonsense
         # tasks, tolerance 1.005 / module, the full linear scan, the task search over every layer from 4.
-        # Until the paper data ships (issue 9) calibration and perplexity use the wiki splits (said in the
-        # notebook); WikiText-2 at seq 128 is the paper's perplexity.
+        # WikiText-2 at seq 128 is the paper's perplexity; calibration reads WikiText-2's train split
+        # (the paper calibrates on its task mixture, research sfsd.md §2.1; said in the notebook).
         "05_lowrank_decomposition": LowRankConfig(
-            models=("llama-7b", "mistral-7b"), search_model="mistral-7b", corpus="wiki", calib_windows=512,
+            models=("llama-7b", "mistral-7b"), search_model="mistral-7b", corpus="wikitext2", calib_windows=512,
             calib_len=128, eval_windows=64, eval_len=128, batch_size=8,
             tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None, scan="linear",
             search_windows=128, search_len=128, task="piqa", task_items=1838),
         # Inheritune's N = 100 windows of T = 100; the paper models of notebooks 01/02 (Llama-2-13B /
         # Llama-3-70B need several GPUs) and notebook 05's Mistral-7B; notebook 03's seed-42 adapters.
-        "06_synthesis": SynthesisConfig(models=("llama-2-7b", "llama-3-8b", "mistral-7b"), n_windows=100,
+        "06_synthesis": SynthesisConfig(models=("llama-2-7b", "llama-3-8b", "mistral-7b"), corpus="wikitext2", n_windows=100,
                                         window_len=100, batch_size=4, random_seeds=(0,)),
     },
 }
+
+
+# The random-weight dry run (DESIGN §2, ``REPRO_WEIGHTS=random``): the profile's models at their shipped
+# configs with random weights, on the ``small`` data (no hub: the paper corpora and lm-eval's hub tasks are
+# replaced by the wiki corpus and the local tasks), with few items and steps, so every notebook's paper code
+# path (dtype, GQA shapes, 4096-token windows, Conv1D GPT-2, gradient checkpointing, the search) runs in
+# minutes on one GPU. Sequence lengths and batch sizes stay the paper's: the memory footprint is the point.
+# ``REPRO_RANDOM_SHRINK=N`` (the CPU test) also divides the models' width and depth by N, and
+# ``SHRUNK_DRY_RUNS`` shortens the sequences so the same path takes seconds on CPU.
+_DRY_TRAIN = dict(epochs=1, save_steps=2)
+_DRY_TASKS = ("wiki_mc", "commonsense")
+DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
+    "01_massive_activation_origin": dict(n_windows=2),
+    "02_massive_weight_ablation": dict(n_windows=2, tasks=_DRY_TASKS, n_items=20, seeds=(0,), k_grid=(0, 5, 50),
+                                       sweep_tasks=("wiki_mc",), sweep_n_items=10),
+    "03_macdrop_finetuning": dict(
+        corpus="wiki", n_train=64, n_val=16, tasks=_DRY_TASKS, n_items=20,
+        settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN),
+        grid_settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN), grid_tasks=("wiki_mc",),
+        grid_kinds=("step", "exp"), grid_p0s=(0.8,), scope_ps=(0.5,)),
+    "04_attention_degeneration_inheritune": dict(
+        n_windows=20, n_analysis=20, max_rounds=1,
+        train=PretrainSettings(steps=20, batch_size=12, grad_accum=2, lr=3e-4, warmup=5, eval_interval=10,
+                               ckpt_interval=10, n_val=16, bf16=True)),
+    "05_lowrank_decomposition": dict(
+        calib_windows=32, eval_windows=8, tasks=_DRY_TASKS, n_items=20, search_windows=8, task="wiki_mc",
+        task_items=60, task_layers=2),
+    "06_synthesis": dict(n_windows=16),
+}}
+SHRUNK_DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
+    "01_massive_activation_origin": dict(window_len=256),
+    "02_massive_weight_ablation": dict(window_len=128, n_items=8, sweep_n_items=8),
+    "03_macdrop_finetuning": dict(
+        runs=(("llama-3-8b", ("lora", "lora_macdrop", "dora_macdrop"), (42,)),), n_train=16, n_val=8, n_items=8,
+        tasks=("wiki_mc",), full_grid=False,  # the grids' code is the smoke profile's (nbval); here only its settings
+        settings=replace(_PAPER_TRAIN, grad_accum=1, batch_size=8, max_len=128, **_DRY_TRAIN)),
+    "04_attention_degeneration_inheritune": dict(
+        n_windows=8, n_analysis=8, reference=GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=128, vocab_size=50304),
+        train=PretrainSettings(steps=6, batch_size=4, lr=3e-4, warmup=2, eval_interval=3, ckpt_interval=3, n_val=8)),
+    "05_lowrank_decomposition": dict(calib_windows=8, calib_len=32, eval_windows=4, eval_len=32, search_windows=4,
+                                     search_len=32, n_items=8, task_items=60, task_layers=1, scan="bisect"),
+    "06_synthesis": dict(n_windows=4, window_len=32),
+}}
+
+
+def random_weights() -> int | None:
+    """The dry run's shrink factor (1: the paper's shapes) when ``REPRO_WEIGHTS=random``, else None."""
+    mode = os.environ.get("REPRO_WEIGHTS", "")
+    if mode not in ("", "random"):
+        raise ValueError(f"REPRO_WEIGHTS={mode!r}: the only value is 'random' (the dry run); unset it for real weights")
+    if not mode:
+        return None
+    shrink = os.environ.get("REPRO_RANDOM_SHRINK", "1")
+    if not shrink.isdigit() or int(shrink) < 1:
+        raise ValueError(f"REPRO_RANDOM_SHRINK={shrink!r}: use a positive integer (1 = the paper's shapes)")
+    return int(shrink)
+
+
+def is_dry_run(profile: str) -> bool:
+    """Whether ``profile`` runs as the random-weight dry run (``REPRO_WEIGHTS=random`` and a DRY_RUNS entry)."""
+    return random_weights() is not None and profile in DRY_RUNS
 
 
 def resolve_profile(profile: str) -> str:
@@ -357,6 +426,10 @@ def load_config(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
     base = table[notebook]
     values = {f.name: getattr(base, f.name) for f in fields(base)}
     values.update(notebook=notebook, profile=profile, seed=seed)
+    if is_dry_run(profile):
+        values.update(DRY_RUNS[profile].get(notebook, {}), dry_run=True)
+        if random_weights() > 1:
+            values.update(SHRUNK_DRY_RUNS[profile].get(notebook, {}))
     return type(base)(**values)
 
 

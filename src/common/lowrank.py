@@ -79,6 +79,8 @@ def rank_for(budget: float, k: int) -> int:
     """Rank that keeps ``budget`` (a fraction in (0, 1]) of a module's parameters: max(1, floor(budget k))."""
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget {budget} must be a fraction in (0, 1] (pct / 100), e.g. 0.8 for 80%")
+    if k < 1:
+        raise ValueError(f"kappa={k}: a module's break-even rank is >= 1 (lowrank.kappa(m, n))")
     return max(1, math.floor(budget * k + 1e-9))
 
 
@@ -122,6 +124,9 @@ def targets(model: nn.Module, layers: Sequence[int] | None = None) -> list[Targe
     stack = arch.layers(model)
     prefix = _path_of(model, stack)
     chosen = range(len(stack)) if layers is None else layers
+    bad = [i for i in chosen if not 0 <= i < len(stack)]
+    if bad:
+        raise ValueError(f"layers {bad} are outside the model's {len(stack)} layers; pick 0 <= layer < {len(stack)}")
     out = []
     for i in chosen:
         for name, module in stack[i].named_modules():
@@ -168,6 +173,9 @@ class LayerInputs:
                  batch_size: int = 8, keep: str | Sequence[int] = "all"):
         if ids.ndim != 2 or ids.shape[1] < 2 or len(ids) == 0:
             raise ValueError(f"ids must be [N, T] with N >= 1 and T >= 2, got shape {tuple(ids.shape)}")
+        arch.check_ids(model, ids)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
         n_layers = len(arch.layers(model))
         if isinstance(keep, str) and keep not in ("all", "first"):
             raise ValueError(f"keep must be 'all', 'first' or a list of layer indices, got {keep!r}")
@@ -240,6 +248,9 @@ class LayerInputs:
     def logprobs(self, start: int = 0) -> torch.Tensor:
         """Per sequence, the summed log-probability of its masked target tokens, running layers
         ``start..L-1``, the final norm and the LM head from the cached inputs of layer ``start``."""
+        if not 0 <= start < self.n_layers:
+            raise ValueError(f"start={start} is outside the model's {self.n_layers} layers; pick 0 <= start < "
+                             f"{self.n_layers}")
         if self.hidden[start][0] is None:
             raise ValueError(f"layer {start}'s inputs are not cached (keep='all' caches every layer)")
         norm, head = arch.final_norm(self.model), arch.lm_head(self.model)
@@ -285,6 +296,8 @@ class Moments:
         self._roots: dict[str, torch.Tensor] = {}
 
     def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.n:
+            raise ValueError(f"samples of width {x.shape[-1]} added to moments of width {self.n}")
         x = x.reshape(-1, x.shape[-1]).float()  # a NaN / Inf propagates into the sums: checked once when used
         if self.shift is None:
             self.shift = x.mean(0)
@@ -296,11 +309,17 @@ class Moments:
 
     @property
     def mean(self) -> torch.Tensor:
+        self._check_count()
         return self.total / self.count + self.shift.double()
+
+    def _check_count(self) -> None:
+        if self.count == 0:
+            raise ValueError("moments of no samples: add() calibration activations first")
 
     @property
     def cov(self) -> torch.Tensor:
         """Population covariance (divided by the token count)."""
+        self._check_count()
         m = self.total / self.count
         return self.gram / self.count - torch.outer(m, m)
 
@@ -413,6 +432,8 @@ class Decomposition:
 
     def pair_has_bias(self, method: str) -> bool:
         """Whether ``method``'s pair carries a bias: the module's own, or mean compensation's (``feature``)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         return self.has_bias or method == "feature"
 
     def discarded(self, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -557,7 +578,12 @@ def decompose_model(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
     if calibration.ndim != 2 or calibration.shape[1] < 2:
         raise ValueError(f"calibration must be [N, T] windows with T >= 2, got shape {tuple(calibration.shape)}; "
                          "the corpus is shorter than one window: lower the window length or add text")
-    wanted = sorted(set(range(len(arch.layers(model))) if layers is None else layers))
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep={keep}: store at least one eigenvector per module (default: kappa)")
+    n_layers = len(arch.layers(model))
+    wanted = sorted(set(range(n_layers) if layers is None else layers))
+    if not wanted or not 0 <= wanted[0] <= wanted[-1] < n_layers:
+        raise ValueError(f"layers {wanted} must be non-empty and inside the model's {n_layers} layers")
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, Decomposition] = {}
@@ -676,11 +702,17 @@ def dense_param_count(model: nn.Module, decomps: dict[str, Decomposition]) -> in
 def uniform_ranks(decomps: dict[str, Decomposition], pct: float, layers: Sequence[int]) -> dict[str, int]:
     """Rank pct% of kappa in every module of ``layers`` (the uniform budgets, D4)."""
     chosen = set(layers)
+    missing = sorted(chosen - {d.target.layer for d in decomps.values()})
+    if not chosen or missing:
+        raise ValueError(f"layers {sorted(chosen)} must be non-empty and decomposed; no decompositions for {missing} "
+                         "(decompose_model(..., layers=...) first, or pick decomposed layers)")
     return {p: rank_for(pct / 100, d.kappa) for p, d in decomps.items() if d.target.layer in chosen}
 
 
 def protected_layers(n_layers: int) -> int:
     """Leading layers every search leaves dense: round(L / 8) (the paper: 4 of 32, module index < 28)."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers={n_layers}: a model has at least one layer")
     return max(1, round(n_layers / 8))
 
 
@@ -779,6 +811,8 @@ def protected_factorised(module: nn.Module, moments: Moments, side: str, rows: S
 def energy_at(values: torch.Tensor, share: float = SPECTRUM_RANK, full: int | None = None) -> float:
     """Share of sum(values) held by the top ceil(share x full) values (``full`` defaults to their count).
     For a weight pass S^2; for output features the eigenvalues of their covariance."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share={share} must be a fraction of the full rank in (0, 1], e.g. {SPECTRUM_RANK}")
     v = values.double().sort(descending=True).values
     full = len(v) if full is None else full
     k = max(1, math.ceil(share * full))
@@ -903,7 +937,7 @@ def perplexity_search(model: nn.Module, decomps: dict[str, Decomposition], input
     ``cached_prefix``: score a candidate of layer l from the cached inputs of layer l (False: re-run the
     whole model, the reference's cost; same decisions). ``state_path``: JSON saved after every module;
     a later call with the same settings resumes there."""
-    if tolerance < 1.0:
+    if not tolerance >= 1.0:
         raise ValueError(f"tolerance {tolerance} must be >= 1 (a per-module perplexity factor, e.g. 1.005)")
     protected = protected_layers(inputs.n_layers) if protected is None else protected
     settings = {"tolerance": tolerance, "protected": protected, "scan": scan, "windows": tensor_digest(inputs.ids),
@@ -936,6 +970,8 @@ def task_search(model: nn.Module, decomps: dict[str, Decomposition], chunks: Seq
     accuracy is >= the dense chunk accuracy - ``delta`` (none: kappa); the module takes the max over
     chunks, and is kept only if that rank < kappa and the accuracy on the whole search ``split`` stays >=
     its dense value - ``delta``. ``layers``: search only these layers (default: all unprotected)."""
+    if not chunks:
+        raise ValueError("task_search needs at least one chunk (lowrank_eval.task_splits(...).chunks)")
     n_layers = split.inputs.n_layers
     protected = protected_layers(n_layers) if protected is None else protected
     settings = {"delta": delta, "protected": protected, "scan": scan, "layers": None if layers is None else list(layers),

@@ -154,7 +154,7 @@ def task_splits(docs: list[dict], chunk: float = 0.0666, n_chunks: int = 3, sear
                 seed: int = 42) -> TaskSplits:
     """Shuffle (``random.Random(seed)``, as the reference's lm-eval fork) and cut; the chunks lie inside
     the search split and the test split is disjoint from both (research §6.1 check 5)."""
-    if not (0 < chunk and 0 < search < 1 and chunk * n_chunks <= search + 1e-9):
+    if not (0 < chunk and 0 < search < 1 and n_chunks >= 1 and chunk * n_chunks <= search + 1e-9):
         raise ValueError(f"need 0 < {n_chunks} x chunk ({chunk}) <= search ({search}) < 1")
     docs = list(docs)
     random.Random(seed).shuffle(docs)
@@ -171,6 +171,11 @@ def task_splits(docs: list[dict], chunk: float = 0.0666, n_chunks: int = 3, sear
 def paired_noise(dense: torch.Tensor, candidate: torch.Tensor, tokens_per_window: int) -> dict[str, float]:
     """Paired evaluation noise of a perplexity ratio on a split: per window, the mean-NLL difference
     (candidate - dense); returns the log-ratio (their mean) and its standard error over windows."""
+    if dense.ndim != 1 or dense.shape != candidate.shape or len(dense) == 0:
+        raise ValueError(f"dense and candidate must be per-window log-probabilities of the same windows, got shapes "
+                         f"{tuple(dense.shape)} and {tuple(candidate.shape)}")
+    if tokens_per_window < 1:
+        raise ValueError(f"tokens_per_window={tokens_per_window} must be >= 1 (T - 1 predicted tokens a window)")
     d = (dense - candidate).double() / tokens_per_window  # logprobs: dense - candidate = NLL(candidate) - NLL(dense)
     n = len(d)
     se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
@@ -230,6 +235,8 @@ def heldout_windows(tok, key: str, corpus: str, n_test: int, test_len: int, n_se
     ``n_search`` search windows of ``search_len`` (§1.8's 20% / 80% split, by position)."""
     from common.data import token_windows
 
+    if search_len < 2:
+        raise ValueError(f"search_len={search_len} must be >= 2 (a window's first token is never predicted)")
     test = token_windows(tok, key, corpus, n_test, test_len)
     skip = math.ceil(n_test * test_len / (search_len - 1))
     search = token_windows(tok, key, corpus, skip + n_search, search_len)[skip:]
@@ -240,6 +247,9 @@ def trajectory(model: nn.Module, decomps: dict[str, lowrank.Decomposition], stat
                at: list[int], score) -> list[dict]:
     """Re-score a search's model after its first ``m`` decisions for each m in ``at``: ``score(start)``
     runs from the lowest layer changed so far (``start``); returns [{m, layer, share, value}]."""
+    bad = [m for m in at if not 1 <= m <= len(state.steps)]
+    if bad:
+        raise ValueError(f"decision counts {bad} must lie in [1, {len(state.steps)}], the search's decisions")
     out = []
     for m in at:
         steps = state.steps[:m]

@@ -117,13 +117,16 @@ def current() -> Manifest:
 
 
 def record(key: str, value: Any, paper: Any = None, paper_ref: str | None = None, tolerance: Any = None,
-           ci95: Any = None, note: str | None = None) -> Any:
-    """Record one reported number (replacing an earlier record of the same key); returns ``value``."""
+           ci95: Any = None, note: str | None = None, volatile: bool = False) -> Any:
+    """Record one reported number (replacing an earlier record of the same key); returns ``value``.
+    ``volatile``: a wall-clock measurement, which the determinism check (``differences``) skips."""
     if "/" not in key:
         raise ValueError(f"manifest key {key!r} must look like '<model>/<quantity>'")
     m = current()
     entry = {"key": key, "value": _plain(value), "paper_value": _plain(paper), "paper_ref": paper_ref,
              "tolerance": _plain(tolerance), "ci95": _plain(ci95), "note": note}
+    if volatile:
+        entry["volatile"] = True
     try:
         json.dumps(entry, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -182,14 +185,87 @@ def peak_memory_mb() -> float:
 
 def summary(records: list[dict] | None = None):
     """This run's numbers next to the paper's, as a DataFrame (the notebooks' last cell). Also stores the
-    run's cost in the manifest's run block: ``wall_s`` since ``setup`` and the kernel's ``peak_rss_mb``
-    (read by notebooks/README.md's runtime table)."""
+    run's cost in the manifest's run block: ``wall_s`` since ``setup``, the kernel's ``peak_rss_mb`` and, on a
+    GPU, ``peak_gpu_mb`` (read by notebooks/README.md's runtime table and docs/PAPER_DRYRUN.md)."""
     import pandas as pd
 
     m = current()
     m.run["wall_s"] = round(time.perf_counter() - m.started, 1)
     m.run["peak_rss_mb"] = round(peak_memory_mb())
+    if torch.cuda.is_available():
+        m.run["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     m.save()
     rows = m.records if records is None else records
     df = pd.DataFrame(rows, columns=["key", "value", "ci95", "paper_value", "paper_ref", "note"])
     return df.set_index("key")
+
+
+#: Run-block fields that measure the machine, not the result (skipped by ``differences``).
+VOLATILE_RUN = ("wall_s", "peak_rss_mb", "peak_gpu_mb")
+
+
+def _value_diffs(a: Any, b: Any, rel: float, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys differ ({sorted(a.keys() ^ b.keys())})"]
+        return [d for k in a for d in _value_diffs(a[k], b[k], rel, f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _value_diffs(x, y, rel, f"{where}[{i}]")]
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        same = a == b if rel == 0 else math.isclose(a, b, rel_tol=rel, abs_tol=rel * 1e-6)
+    else:
+        same = a == b
+    return [] if same else [f"{where}: {a!r} != {b!r}"]
+
+
+def differences(a: dict, b: dict, rel: float = 0.0) -> list[str]:
+    """Where two manifests of the same notebook disagree: every record's value and interval (exactly, or to
+    relative tolerance ``rel``; GPU kernels are not bit-reproducible), the figure list and the run block, except
+    volatile records and ``VOLATILE_RUN`` fields. Empty when the runs agree (issue 9 §3, determinism)."""
+    run_a, run_b = ({k: v for k, v in m["run"].items() if k not in VOLATILE_RUN} for m in (a, b))
+    recs_a, recs_b = ({r["key"]: r for r in m["records"] if not r.get("volatile")} for m in (a, b))
+    out = _value_diffs(run_a, run_b, 0.0, "run") + _value_diffs(a["figures"], b["figures"], 0.0, "figures")
+    for key in sorted(recs_a.keys() | recs_b.keys()):
+        if key not in recs_a or key not in recs_b:
+            out.append(f"{key}: only in the {'first' if key in recs_a else 'second'} manifest")
+            continue
+        for field_ in ("value", "ci95"):
+            out += _value_diffs(recs_a[key][field_], recs_b[key][field_], rel, f"{key}.{field_}")
+    return out
+
+
+def compare_dirs(first: Path, second: Path, rel: float = 0.0) -> dict[str, list[str]]:
+    """``differences`` for every ``<notebook>/manifest.json`` under ``first`` and ``second`` (a notebook in
+    only one of them is a difference too)."""
+    names = {p.parent.name for root in (first, second) for p in Path(root).glob("*/manifest.json")}
+    if not names:
+        raise FileNotFoundError(f"no */manifest.json under {first} or {second}")
+    out = {}
+    for name in sorted(names):
+        pa, pb = Path(first) / name / "manifest.json", Path(second) / name / "manifest.json"
+        out[name] = (differences(load(pa), load(pb), rel) if pa.exists() and pb.exists()
+                     else [f"manifest only under {first if pa.exists() else second}"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m common.manifest compare FIRST SECOND [--rel R]``: exit 1 if any manifest differs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["compare"])
+    parser.add_argument("first", type=Path)
+    parser.add_argument("second", type=Path)
+    parser.add_argument("--rel", type=float, default=0.0, help="relative tolerance (0: exact, the CPU check)")
+    args = parser.parse_args(argv)
+    found = compare_dirs(args.first, args.second, args.rel)
+    for name, diffs in found.items():
+        print(f"{'same' if not diffs else 'DIFFERENT'}  {name}" + "".join(f"\n    {d}" for d in diffs[:20]))
+    return 1 if any(found.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,6 +30,14 @@ def layer_profile(pos0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``pos0`` is [N, L, D] (N prompts); |x| is averaged over prompts first. Returns ([L], [L]).
     """
+    if pos0.ndim != 3 or pos0.numel() == 0:
+        raise ValueError(f"position-0 statistics must be a non-empty [N, L, D] tensor (capture(...).pos0[point]), "
+                         f"got shape {tuple(pos0.shape)}")
+    if not pos0.is_floating_point():
+        raise TypeError(f"position-0 statistics must be floating point activations, got {pos0.dtype}")
+    if not torch.isfinite(pos0).all():
+        raise ValueError("position-0 statistics hold NaN/inf (fp16 overflow?): capture in float32, or a NaN would "
+                         "read as 'no massive layer'")
     a = pos0.abs().mean(0)
     top = a.max(-1).values
     return top, top / a.median(-1).values.clamp_min(1e-12)
@@ -45,9 +53,11 @@ def detect_massive_layer(inter_pos0: torch.Tensor, min_abs: float = MIN_ABS,
 
 def top_channels(inter_pos0: torch.Tensor, layer: int, k: int) -> tuple[list[int], list[float]]:
     """The top-k intermediate channels of ``layer`` ranked by mean |x| at position 0 (HoC Alg. 1, l.1–4)."""
-    width = inter_pos0.shape[-1]
+    width, n_layers = inter_pos0.shape[-1], inter_pos0.shape[1]
     if not 0 < k <= width:
         raise ValueError(f"k={k} must be between 1 and the intermediate size {width}")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is outside the {n_layers} captured layers; pick 0 <= layer < {n_layers}")
     vals, idx = inter_pos0[:, layer].abs().mean(0).topk(k)
     return idx.tolist(), vals.tolist()
 
@@ -414,9 +424,19 @@ def zero_random(model: torch.nn.Module, layer: int, k: int, seed: int, exclude: 
     return zero_channels(model, {layer: random_channels(arch.intermediate_size(model, layer), k, seed, exclude)})
 
 
+def _down_entry(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> torch.Tensor:
+    """The [d, I] down matrix of ``layer``, once (hidden_dim, channel) is checked to lie inside it."""
+    down = arch.down_matrix(model, layer)
+    d, width = down.shape
+    if not (0 <= hidden_dim < d and 0 <= channel < width):
+        raise ValueError(f"entry ({hidden_dim}, {channel}) is outside layer {layer}'s {d} x {width} down projection; "
+                         f"pick 0 <= hidden_dim < {d} and 0 <= channel < {width}")
+    return down
+
+
 def super_weight(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> dict[str, float]:
     """Yu et al.'s super weight W_down[hidden_dim, channel] and its ratio to the median |w| of that matrix."""
-    down = arch.down_matrix(model, layer).detach()
+    down = _down_entry(model, layer, hidden_dim, channel).detach()
     value = float(down[hidden_dim, channel])
     return {"value": value, "ratio_to_median": abs(value) / float(down.abs().median())}
 
@@ -424,6 +444,7 @@ def super_weight(model: torch.nn.Module, layer: int, hidden_dim: int, channel: i
 @contextmanager
 def zero_super_weight(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> Iterator[None]:
     """Zero the single down_proj entry W_down[hidden_dim, channel] (Yu et al., arXiv 2411.07191)."""
+    _down_entry(model, layer, hidden_dim, channel)
     w = arch.down_proj(model, layer).weight
     idx = (channel, hidden_dim) if arch.arch_of(model).conv1d else (hidden_dim, channel)
     with _patched([(w, idx)]):
@@ -435,14 +456,19 @@ def set_hidden(model: torch.nn.Module, layer: int, dims: list[int], values: torc
                position: int = 0) -> Iterator[None]:
     """SunMA §3 intervention: overwrite the hidden state after ``layer`` at ``position`` in ``dims`` with
     ``values`` (zeros, or the mean over sequences). A forward hook, removed on exit."""
-    idx = torch.as_tensor(dims)
+    idx = torch.as_tensor(dims, dtype=torch.long)
+    d = arch.down_matrix(model, layer).shape[0]
+    if len(idx) and (idx.min() < 0 or idx.max() >= d):
+        raise ValueError(f"hidden dims {dims} must lie in [0, {d}), the model's hidden size")
+    if values.ndim > 1 or values.numel() not in (1, len(idx)):
+        raise ValueError(f"{values.numel()} values for {len(idx)} hidden dims: give one value per dim")
 
     def hook(_module, _args, out):
         h = out[0] if isinstance(out, tuple) else out
         h[:, position, idx.to(h.device)] = values.to(h.device, h.dtype)
         return out
 
-    handle = arch.layers(model)[layer].register_forward_hook(hook)
+    handle = arch.layer(model, layer).register_forward_hook(hook)
     try:
         yield
     finally:

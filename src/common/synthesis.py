@@ -134,6 +134,10 @@ def ablation_frame(profiles: dict[str, SinkProfile], massive_layer: int,
     windows), the share of (window, layer, head) triples whose sink is not position 0 (moved sinks), the
     lazy layers (MaxRank < 2) and sink layers (mass on position 0 >= ``threshold``) among them, and the
     first token's massive ratio there."""
+    n_layers = {p.hidden_pos0.shape[1] for p in profiles.values()}
+    if not profiles or any(not 0 <= massive_layer < n for n in n_layers):
+        raise ValueError(f"massive layer {massive_layer} must lie inside every profile's layers {sorted(n_layers)} "
+                         "(and give at least one profile)")
     after = slice(massive_layer + 1, None)
     rows = {}
     for name, p in profiles.items():
@@ -229,6 +233,11 @@ def first_token_means(model: nn.Module, calibration: torch.Tensor, paths: Sequen
 MEAN_PARTS = ("all", "first_token", "other_tokens", "none")
 
 
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be the calibration window length T >= 1")
+
+
 def mean_parts(decomps: dict[str, lowrank.Decomposition], means: dict[str, tuple[torch.Tensor, torch.Tensor]],
                seq_len: int, part: str) -> dict[str, lowrank.Decomposition]:
     """The decompositions with the mean mu of their compensation term replaced by one part of it:
@@ -236,6 +245,7 @@ def mean_parts(decomps: dict[str, lowrank.Decomposition], means: dict[str, tuple
     ``none`` zero (= ``feature_nomean``). The projections P_r are unchanged."""
     if part not in MEAN_PARTS:
         raise ValueError(f"unknown part {part!r}; known: {', '.join(MEAN_PARTS)}")
+    _check_seq_len(seq_len)
     missing = [p for p in decomps if p not in means]
     if missing:
         raise KeyError(f"no first-token means for {missing[:3]}; pass first_token_means(...) of the same modules")
@@ -252,6 +262,9 @@ def mean_consistency(decomps: dict[str, lowrank.Decomposition],
                      means: dict[str, tuple[torch.Tensor, torch.Tensor]], seq_len: int) -> float:
     """Largest relative gap between each decomposition's stored mean and (mu_0 + (T-1) mu_rest) / T: near 0
     when both come from the same model and calibration windows (a check that the parts add up)."""
+    _check_seq_len(seq_len)
+    if not decomps:
+        raise ValueError("mean_consistency needs at least one decomposition")
     gaps = []
     for p, d in decomps.items():
         mu0, rest = (t.to(d.mean.device, torch.float64) for t in means[p])
@@ -267,6 +280,7 @@ def lost_mean_share(decomps: dict[str, lowrank.Decomposition], means: dict[str, 
     ||(I - P_r) mu||^2 (1: the first token is as offset there as the average token; >> 1: its massive
     output is what the mean term restores), and the share of the discarded mean energy its part mu_0 / T
     carries, ``share_first_token`` = first_over_mean / T^2."""
+    _check_seq_len(seq_len)
     rows = []
     for p, d in decomps.items():
         mu = torch.stack([d.mean.double(), means[p][0].to(d.mean.device, torch.float64)], dim=1)  # [m, 2]: mu, mu_0

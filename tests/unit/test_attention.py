@@ -619,3 +619,4 @@ def test_notebook04_attention_figures_draw_what_they_are_given() -> None:
     assert len(fig.axes[0].lines) == 2 + 1  # two curves and the lazy threshold
     maps = {0: torch.eye(4).expand(2, 4, 4), 3: torch.eye(4).expand(2, 4, 4)}
     assert len(plotting.plot_attention_maps(maps, heads=2, title="t").axes) == 4
+    assert len(plotting.plot_attention_maps(maps, heads=4, title="t").axes) == 4  # the maps have only 2 heads

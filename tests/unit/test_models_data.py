@@ -337,8 +337,9 @@ def test_hub_model_offline_message(monkeypatch: pytest.MonkeyPatch, key: str, ga
 def test_random_weights_without_config_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """REPRO_WEIGHTS=random for a model with no shipped config raises ValueError listing the ones with one."""
     monkeypatch.setenv("REPRO_WEIGHTS", "random")
+    monkeypatch.setitem(models.REGISTRY, "no-config", ModelSpec("no-config", "no config", "hub", True, "x/y", "abc"))
     with pytest.raises(ValueError, match="no shipped config") as err:
-        models.load_model("llama-2-13b")
+        models.load_model("no-config")
     assert "llama-3-8b" in str(err.value) and "mistral-7b" in str(err.value)
 
 
@@ -356,7 +357,9 @@ def test_random_weights_from_shipped_config(tmp_path: Path, monkeypatch: pytest.
     model, tok = models.load_model("tiny-hub")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
     assert not model.training and len(tok) == models.TINY_VOCAB
-    assert models.weights_id("tiny-hub") == "random-init:tiny.json"
+    assert models.weights_id("tiny-hub") == "random-init:tiny.json:planted"
+    monkeypatch.setenv("REPRO_RANDOM_SHRINK", "2")  # a shrunk model is another model: its caches differ
+    assert models.weights_id("tiny-hub") == "random-init:tiny.json:shrink2:planted"
     monkeypatch.delenv("REPRO_WEIGHTS")
     assert models.weights_id("tiny-hub") == "x/y@abc"
 

@@ -23,16 +23,26 @@ def test_shrunk_config_keeps_head_size():
     full = models.random_config(models.get_spec("llama-3-8b"))
     small = models.random_config(models.get_spec("llama-3-8b"), shrink=16)
     assert small.hidden_size // small.num_attention_heads == full.hidden_size // full.num_attention_heads
-    assert small.num_hidden_layers == 2 and small.num_key_value_heads == 1
+    assert small.num_hidden_layers == models.MIN_RANDOM_LAYERS == 4 and small.num_key_value_heads == 1  # 32 // 16 = 2, floored
 
 
 def test_random_llama3_runs_notebook01_measurement_offline(random_weights):
     model, tok = models.load_model("llama-3-8b")
-    assert len(arch.layers(model)) == 2 and arch.intermediate_size(model) == 14336 // 16
+    assert len(arch.layers(model)) == 4 and arch.intermediate_size(model) == 14336 // 16
     windows = data.token_windows(tok, "llama-3-8b", "synthetic", n_windows=2, window_len=64)
     m = massive.measure(model, tok, "llama-3-8b", config.DETECTION_PROMPTS[:2], windows)
-    assert m.report.layer is None  # random weights have no massive layer, and detection says so
-    assert m.n_layers == 2
+    assert m.n_layers == 4
+    # the dry run plants HoC's circuit (random weights have none), and detection finds it
+    assert (m.report.layer, m.report.channels[0]) == (models.PLANT["layer"], models.PLANT["channel"])
+    assert models.PLANT["hidden_dim"] in m.report.hidden_dims
+
+
+def test_unplanted_random_llama_has_no_massive_layer(random_weights, monkeypatch):
+    """Control for the plant: the same random Llama-3-8B without it has no massive layer, and detection says so."""
+    monkeypatch.setattr(models, "plant_massive_weight", lambda *a, **k: None)
+    model, tok = models.load_model("llama-3-8b")
+    windows = data.token_windows(tok, "llama-3-8b", "synthetic", n_windows=2, window_len=64)
+    assert massive.measure(model, tok, "llama-3-8b", config.DETECTION_PROMPTS[:2], windows).report.layer is None
 
 
 def test_random_llama3_dora_macdrop_finetune_in_bf16(random_weights):
@@ -65,11 +75,11 @@ def test_random_gpt2_medium_runs_notebook04_analysis_offline(random_weights, mon
     the pass): at init the logits q.k are ~0, so every head is uniform causal attention, whose k* and m* at
     T = 100 are 5 and 30 (research inheritune.md §1.7); the model is back on its own implementation after."""
     model, tok = models.load_model("gpt2-medium")
-    assert len(arch.layers(model)) == 24 // 16 and model.config.n_embd == 1024 // 16
+    assert len(arch.layers(model)) == 4 and model.config.n_embd == 1024 // 16  # 24 // 16 layers, floored at 4
     before = model.config._attn_implementation
     ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
     stats = attention.capture_attention(model, [ids])
-    assert stats.metrics["rank"].shape == (2, 1, model.config.n_head)
+    assert stats.metrics["rank"].shape == (2, 4, model.config.n_head)
     assert (stats.metrics["rank"] == 5).all() and (stats.metrics["mass"] == 30).all()
     assert model.config._attn_implementation == before
     with pytest.raises(ValueError, match="exceeds the model's context"):
