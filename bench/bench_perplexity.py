@@ -46,7 +46,7 @@ def main() -> None:
                 model(input_ids=batch, use_cache=False)
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=BATCH, max_length=L)
-    pieces = exact_pieces(lm, [d["extract"] for d in data.wiki_split("heldout")], N, L)
+    pieces = exact_pieces(lm, ["\n\n".join(d["extract"] for d in data.wiki_split("heldout"))], N, L)
     texts = [lm.tok_decode(p) for p in pieces]
     ours_windows = torch.tensor([[lm.prefix_token_id, *p] for p in pieces])
 

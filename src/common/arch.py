@@ -109,12 +109,16 @@ def lm_head(model: nn.Module) -> nn.Module:
 
 def check_ids(model: nn.Module, ids: torch.Tensor, name: str = "ids") -> None:
     """Refuse anything but a non-empty [B, T] torch.long tensor of ids inside the model's vocabulary (torch would
-    fail deep inside the embedding, or on CUDA with a device-side assert)."""
+    fail deep inside the embedding, or on CUDA with a device-side assert). The vocabulary is the rows of the
+    model's LM head; a model without one (a bare scorer returning ``.logits``) gets the shape checks only."""
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
         raise ValueError(f"{name} must be a non-empty [B, T] tensor of token ids, got shape "
                          f"{tuple(getattr(ids, 'shape', ()))}")
     if ids.dtype != torch.long:
         raise TypeError(f"{name} must be torch.long token ids, got {ids.dtype}; tokenise the text, or call .long()")
+    inner = unwrap(model)
+    if not (callable(getattr(inner, "get_output_embeddings", None)) or hasattr(inner, "lm_head")):
+        return
     vocab = lm_head(model).weight.shape[0]
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:

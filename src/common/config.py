@@ -47,7 +47,7 @@ class NotebookConfig:
     @property
     def run_name(self) -> str:
         """``<profile>``, or ``<profile>-dryrun`` under the random-weight dry run."""
-        return f"{self.profile}-dryrun" if self.dry_run else self.profile
+        return _run_name(self.profile, self.dry_run)
 
     @property
     def out_dir(self) -> Path:
@@ -404,6 +404,15 @@ def random_weights() -> int | None:
 def is_dry_run(profile: str) -> bool:
     """Whether ``profile`` runs as the random-weight dry run (``REPRO_WEIGHTS=random`` and a DRY_RUNS entry)."""
     return random_weights() is not None and profile in DRY_RUNS
+
+
+def _run_name(profile: str, dry_run: bool) -> str:
+    return f"{profile}-dryrun" if dry_run else profile
+
+
+def run_name(profile: str) -> str:
+    """Where a run of ``profile`` writes under build/: the profile, or ``<profile>-dryrun`` under the dry run."""
+    return _run_name(profile, is_dry_run(profile))
 
 
 def resolve_profile(profile: str) -> str:

@@ -36,8 +36,10 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     nll, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # a no-op (no copy) in float32
+        # targets shifted left, the last position ignored: no copy of the [B, T - 1, V] logits slice
+        target = F.pad(ids[:, 1:], (0, 1), value=-100)
+        nll += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
 

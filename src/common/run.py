@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.config import PROFILE_NAMES, load_config
+from common.config import PROFILE_NAMES, run_name
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -48,7 +48,7 @@ def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None
     """Execute one notebook with papermill; returns (succeeded, seconds)."""
     import papermill as pm
 
-    out = REPO_ROOT / "build" / load_config(path.stem, profile).run_name / path.name
+    out = REPO_ROOT / "build" / run_name(profile) / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:

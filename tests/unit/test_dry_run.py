@@ -80,8 +80,10 @@ def test_dry_run_writes_outside_the_committed_figures(dry: None, monkeypatch: py
     """A dry run's manifest and figures go to build/figures/paper-dryrun/, never to figures/paper/."""
     cfg = config.load_config(NB03, "paper")
     assert cfg.out_dir == REPO_ROOT / "build" / "figures" / "paper-dryrun" / NB03 and cfg.run_name == "paper-dryrun"
+    assert config.run_name("paper") == "paper-dryrun" and config.run_name("small") == "small"  # common.run's copies
     monkeypatch.delenv("REPRO_WEIGHTS")
     assert config.load_config(NB03, "paper").out_dir == REPO_ROOT / "figures" / "paper" / NB03
+    assert config.run_name("paper") == "paper"
 
 
 def test_shipped_configs_have_the_paper_shapes() -> None:

@@ -833,7 +833,8 @@ def test_uniform_ranks_cover_only_the_layers(llama_kappa) -> None:
     assert [ranks[f"model.layers.3.{n}"] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                      "mlp.down_proj")] == [25, 16, 16, 25, 38, 38, 38]
-    assert lowrank.uniform_ranks(llama_kappa, 80, []) == {}
+    with pytest.raises(ValueError, match="non-empty and decomposed"):  # no layers would be the dense model
+        lowrank.uniform_ranks(llama_kappa, 80, [])
     assert set(lowrank.uniform_ranks(llama_kappa, 100, range(4)).values()) == {32, 21, 48}
     with pytest.raises(ValueError, match="fraction"):
         lowrank.uniform_ranks(llama_kappa, 0, [1])
