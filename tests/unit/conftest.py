@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import torch
-from tiny_families import build_tiny
+from tiny_families import build_tiny, single_thread
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from common import manifest, models
@@ -30,10 +29,8 @@ def one_thread():
     """One torch thread for the test: tiny models train as fast on one, the runs stay bit-reproducible, and a
     second busy process on a 2-core box then costs nothing (two OpenMP threads competing with it make the
     Trainer tests 10-20x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture

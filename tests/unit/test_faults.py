@@ -25,8 +25,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,11 +35,11 @@ import pytest
 import torch
 import transformers.trainer
 from safetensors.torch import load_file
+from tiny_families import sharpen, single_thread
 from torch import nn
 from transformers import LlamaForCausalLM, TrainerState
 
 from common import (
-    arch,
     cache,
     data,
     finetune,
@@ -225,21 +224,10 @@ class _Tuning:
                                  self.channels)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One torch thread (module fixtures run outside the ``one_thread`` fixture)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tuning(tmp_path_factory: pytest.TempPathFactory) -> _Tuning:
     """lora_macdrop on tiny-llama (the planted massive layer), and its uninterrupted run in its own cache."""
-    with _one_thread(), pytest.MonkeyPatch.context() as mp:
+    with single_thread(), pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPRO_CACHE", str(tmp_path_factory.mktemp("uninterrupted")))
         model, tok = models.load_model(KEY)
         layer, channels = massive.massive_weights(model, [models.encode(tok, KEY, p) for p in DETECTION_PROMPTS],
@@ -379,14 +367,9 @@ def search() -> _Search:
     matter), its decompositions, windows sampled from itself for the perplexity search, the commonsense
     task's chunks and split for the task search, and each search uninterrupted (a mix of rank-1,
     intermediate and dense decisions) with its number of evaluations."""
-    with _one_thread(), pytest.MonkeyPatch.context() as mp:
+    with single_thread(), pytest.MonkeyPatch.context() as mp:
         model, tok = models.load_model(KEY)
-        with torch.no_grad():
-            for layer in arch.layers(model):
-                for m in layer.modules():
-                    if isinstance(m, nn.Linear):
-                        m.weight.mul_(10)
-            model.lm_head.weight.mul_(30)
+        sharpen(model)
         g = torch.Generator().manual_seed(0)
         calibration = torch.randint(3, 259, (8, 24), generator=g)
         decomps = lowrank.decompose_model(model, calibration, batch_size=4)

@@ -6,12 +6,12 @@ modules and their parameter counts, bad input and the spectra summary."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_families import single_thread
 from torch import nn
 
 from common import arch, evaluation, lowrank, models
@@ -23,16 +23,6 @@ N_CALIB, T_CALIB = 12, 24  # 288 calibration tokens, more than every input width
 BATCH = 5  # does not divide N_CALIB on purpose
 LLAMA_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
 EXACT = 1e-4  # relative Frobenius error of an exact reconstruction (float32 statistics and factors)
-
-
-@contextmanager
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _ids(n: int, t: int, seed: int) -> torch.Tensor:
@@ -119,20 +109,20 @@ def gpt2():
 def llama_full(llama, calib):
     """Decompositions keeping every eigenvector (keep >= the widest output, 192) and the hook-captured
     inputs of every module."""
-    with _single_thread():
+    with single_thread():
         return lowrank.decompose_model(llama, calib, batch_size=BATCH, keep=192), _capture(llama, calib)
 
 
 @pytest.fixture(scope="module")
 def gpt2_full(gpt2, calib):
-    with _single_thread():
+    with single_thread():
         return lowrank.decompose_model(gpt2, calib, batch_size=BATCH, keep=256), _capture(gpt2, calib)
 
 
 @pytest.fixture(scope="module")
 def llama_kappa(llama, calib):
     """Default decompositions (keep = kappa), all layers."""
-    with _single_thread():
+    with single_thread():
         return lowrank.decompose_model(llama, calib, batch_size=BATCH)
 
 

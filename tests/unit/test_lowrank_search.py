@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_families import sharpen, single_thread
 from torch import nn
 
-from common import arch, data, evaluation, lowrank, lowrank_eval, models, tasks
+from common import data, evaluation, lowrank, lowrank_eval, models, tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,13 +44,9 @@ def _calibration(seed: int = 0) -> torch.Tensor:
 @contextmanager
 def _loaded_one_thread():
     """The tiny model in eval mode, built with one torch thread (module fixtures run outside ``one_thread``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         model, tok = models.load_model(KEY)
         yield model.eval(), tok
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +58,7 @@ def plain():
 @pytest.fixture(scope="module")
 def sharp():
     with _loaded_one_thread() as (model, tok):
-        with torch.no_grad():
-            for layer in arch.layers(model):
-                for m in layer.modules():
-                    if isinstance(m, nn.Linear):
-                        m.weight.mul_(10)
-            model.lm_head.weight.mul_(30)
+        sharpen(model)
         decomps = lowrank.decompose_model(model, _calibration(), batch_size=4)
         g = torch.Generator().manual_seed(0)
         torch.randint(3, 259, (8, 24), generator=g)  # advance past the calibration draw (a fixed stream)

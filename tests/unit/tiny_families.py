@@ -1,8 +1,12 @@
-"""Tiny random models of every buildable ``common.arch`` family (helpers shared by the unit tests)."""
+"""Tiny random models of every buildable ``common.arch`` family, and the helpers the unit tests share."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -68,3 +72,29 @@ def hooked_forward(model: torch.nn.Module, ids: torch.Tensor, register) -> None:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch thread inside the block (conftest's ``one_thread`` fixture; module fixtures, which run
+    outside it, use this directly)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def sharpen(model: nn.Module) -> nn.Module:
+    """Scale every decoder linear by 10 and the LM head by 30, in place: a random model with peaked
+    predictions, so rank cuts move its perplexity (the search tests' model)."""
+    from common import arch
+
+    for layer in arch.layers(model):
+        for m in layer.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(10)
+    model.lm_head.weight.mul_(30)
+    return model
