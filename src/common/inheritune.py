@@ -400,7 +400,8 @@ def record_experiment(key: str, exp: Experiment) -> None:
                ci95=[run.val_loss - 1.96 * run.val_se, run.val_loss + 1.96 * run.val_se],
                note=f"{run.n_layer} layers, {run.steps} steps, {run.n_params:,} parameters; {window_note}")
         record(f"{key}/inheritune/{name}/curve", [list(c) for c in run.curve], note="[step, validation loss]")
-        record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation")
+        record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation",
+               volatile=True)
     record(f"{key}/inheritune/eval_se", exp.reference.val_se, note="standard error of the reference's validation loss")
     for a, b in (("inherit_first", "random"), ("inherit_first", "reference"), ("inherit_first", "random_2x"),
                  ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first")):
