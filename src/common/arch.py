@@ -116,10 +116,10 @@ def check_ids(model: nn.Module, ids: torch.Tensor, name: str = "ids") -> None:
                          f"{tuple(getattr(ids, 'shape', ()))}")
     if ids.dtype != torch.long:
         raise TypeError(f"{name} must be torch.long token ids, got {ids.dtype}; tokenise the text, or call .long()")
-    inner = unwrap(model)
-    if not (callable(getattr(inner, "get_output_embeddings", None)) or hasattr(inner, "lm_head")):
+    try:
+        vocab = lm_head(model).weight.shape[0]
+    except AttributeError:  # no LM head to read the vocabulary from
         return
-    vocab = lm_head(model).weight.shape[0]
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
         raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}, outside the model's vocabulary [0, {vocab}); "

@@ -388,6 +388,11 @@ SHRUNK_DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
 }}
 
 
+def world_size() -> int:
+    """Processes of this run: ``WORLD_SIZE`` as ``accelerate launch`` / torchrun set it, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def random_weights() -> int | None:
     """The dry run's shrink factor (1: the paper's shapes) when ``REPRO_WEIGHTS=random``, else None."""
     mode = os.environ.get("REPRO_WEIGHTS", "")

@@ -116,15 +116,20 @@ def _lock_path() -> Path:
     return cache_dir() / LOCK_FILE
 
 
+def _read_lock() -> dict[str, str]:
+    """Dataset name -> the commit its first download locked (empty before any download)."""
+    lock = _lock_path()
+    return json.loads(lock.read_text()) if lock.exists() else {}
+
+
 def dataset_revision(name: str) -> str:
     """The commit ``name`` is read at: its pin, else the one its first download locked."""
     spec = PAPER_DATA[name]
     if spec.revision:
         return spec.revision
-    lock = _lock_path()
-    locked = json.loads(lock.read_text()) if lock.exists() else {}
+    locked = _read_lock()
     if name not in locked:
-        raise FileNotFoundError(f"{spec.repo} has not been downloaded (no entry in {lock}); run "
+        raise FileNotFoundError(f"{spec.repo} has not been downloaded (no entry in {_lock_path()}); run "
                                 "`make models PROFILE=paper` on a machine with hub access, or set REPRO_WEIGHTS=random "
                                 "for a dry run")
     return locked[name]
@@ -156,12 +161,11 @@ def download_paper_data() -> dict[str, str]:
     from common.manifest import write_json_atomic
     from common.tasks import PAPER_TASKS
 
-    lock = _lock_path()
-    locked = json.loads(lock.read_text()) if lock.exists() else {}
+    locked = _read_lock()
     for name, spec in PAPER_DATA.items():
         if not spec.revision and name not in locked:
             locked[name] = HfApi().dataset_info(spec.repo).sha
-            write_json_atomic(lock, locked)
+            write_json_atomic(_lock_path(), locked)
         for split in spec.splits:
             _rows(name, split)
     import lm_eval.tasks

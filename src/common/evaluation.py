@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import math
-import os
 import random
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common import arch, data
+from common.config import world_size
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r} (a fixed size: never 'auto')")
 
 
 @torch.no_grad()
@@ -184,9 +184,8 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
     if not tasks or unknown or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct names from the local tasks ({', '.join(local.LOCAL_TASKS)}) "
                          f"or the paper tasks ({', '.join(local.PAPER_TASKS)}); got {tasks}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (never 'auto'), got {batch_size!r}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    _check_batch_size(batch_size)
+    if world_size() > 1:
         raise RuntimeError("zero_shot runs in one process: under `accelerate launch` every process would score "
                            "every item of an in-memory model (lm-eval shards only models it loads). Run the "
                            "notebook with python/jupyter; device_map='auto' spreads a large model over the GPUs")

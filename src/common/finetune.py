@@ -26,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from common import __version__, arch, massive, models
-from common.config import MacDropConfig, TrainSettings, cache_dir, device
+from common.config import MacDropConfig, TrainSettings, cache_dir, device, world_size
 from common.data import collate, instruction_pairs, pad_id, tokenize_pairs
 from common.macdrop import MacDropCallback, Schedule, merge_histories
 from common.manifest import write_json_atomic
@@ -99,11 +99,6 @@ def scope_channels(arm: Arm, channels: list[int], width: int) -> list[int]:
     if arm.scope == "all":
         return list(range(width))
     return massive.all_but(list(channels), width)
-
-
-def world_size() -> int:
-    """Processes of this run: ``WORLD_SIZE`` as ``accelerate launch`` / torchrun set it, else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _cache_key(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[dict],

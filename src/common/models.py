@@ -39,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.config import cache_dir, device, random_weights
+from common.config import cache_dir, device, random_weights, world_size
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -295,7 +295,7 @@ def hub_device_map() -> str | dict[str, int | str]:
     """``"auto"``: accelerate spreads a model too large for one GPU over every visible GPU (13B-70B), in one
     process. Under a distributed launch (``accelerate launch`` / torchrun, ``WORLD_SIZE`` > 1: DDP fine-tuning)
     each process holds the whole model on its own device instead (accelerate refuses to train a spread one)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         dev = device()
         return {"": int(os.environ.get("LOCAL_RANK", "0")) if dev.type == "cuda" else dev.type}
     return "auto"
