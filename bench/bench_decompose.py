@@ -59,7 +59,6 @@ def main() -> None:
     y_all = {p: torch.cat(v).reshape(-1, v[0].shape[-1]) for p, v in ys.items()}
     weights = {p: lowrank.weight_of(m).detach() for p, m in modules.items()}
     grids = {p: lowrank.rank_grid(lowrank.kappa(*w.shape)) for p, w in weights.items()}
-    dev = next(model.parameters()).device
 
     def ours():
         shared: dict[int, lowrank.Moments] = {}
@@ -70,7 +69,7 @@ def main() -> None:
             batches = ys[t.path] if side == "output" else xs[t.path]
             key = id(batches[0]) if side == "input" else id(t)
             if side == "output" or key not in shared:  # gate and up read one input: one moment
-                mom = lowrank.Moments(batches[0].shape[-1], dev)
+                mom = lowrank.Moments(batches[0].shape[-1])
                 for b in batches:
                     mom.add(b)
                 shared[key] = mom

@@ -287,20 +287,25 @@ class Moments:
     batch's Gram matrix is taken in float32 about a fixed shift (the first batch's mean), so a large mean
     offset (massive activations, biases) does not swamp the covariance, and accumulated in float64."""
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, n: int):
         self.n = n
         self.shift: torch.Tensor | None = None
-        self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.total = torch.zeros(n, dtype=torch.float64, device=device)
+        self.gram: torch.Tensor | None = None  # allocated by the first ``add``, on its samples' device
+        self.total: torch.Tensor | None = None
         self.count = 0
         self._roots: dict[str, torch.Tensor] = {}
 
     def add(self, x: torch.Tensor) -> None:
+        """Accumulate samples [..., n]. The sums live where the first samples came from (the module's device:
+        under ``device_map`` each layer's statistics stay on that layer's GPU)."""
         if x.shape[-1] != self.n:
             raise ValueError(f"samples of width {x.shape[-1]} added to moments of width {self.n}")
         x = x.reshape(-1, x.shape[-1]).float()  # a NaN / Inf propagates into the sums: checked once when used
         if self.shift is None:
             self.shift = x.mean(0)
+            self.gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
+            self.total = torch.zeros(self.n, dtype=torch.float64, device=x.device)
+        x = x.to(self.gram.device)
         xs = x - self.shift
         self.gram += (xs.T @ xs).double()
         self.total += xs.double().sum(0)
@@ -335,7 +340,9 @@ class Moments:
 
     def subset(self, idx: torch.Tensor) -> Moments:
         """The moments of the coordinates ``idx`` only (of an output moment: a subset of the rows)."""
-        out = Moments(len(idx), self.gram.device)
+        self._check_count()
+        idx = idx.to(self.gram.device)
+        out = Moments(len(idx))
         out.shift, out.count = self.shift[idx], self.count
         out.gram, out.total = self.gram[idx][:, idx].clone(), self.total[idx].clone()
         return out
@@ -377,7 +384,7 @@ def output_spectrum(w: torch.Tensor, root: torch.Tensor, keep: int, name: str = 
     C = W M W^T for an input moment M = L L^T (``root`` = L, see ``psd_root``) and W [m, n] with m > n,
     without forming the m x m matrix: C's non-zero eigenpairs are those of the n x n matrix
     B = L^T W^T W L = Q diag(s^2) Q^T, mapped by u = W L q / s (the thin SVD of W L; float64)."""
-    wl = w.double() @ root
+    wl = w.double() @ root.to(w.device)
     vals, vecs = _top_eigen(wl.T @ wl, keep, name)
     live = int((vals[:vecs.shape[1]] > 1e-12 * vals[0].clamp_min(1e-300)).sum())  # null directions have no u
     u = (wl @ vecs[:, :live]) / vals[:live].sqrt()
@@ -399,9 +406,18 @@ def weight_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return vecs, s, (vecs.T @ w) * inv[:, None]
 
 
+def vector_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Storage precision of a decomposition's eigen- and singular vectors: float16 for a 16-bit model (its
+    factors are cast to 16 bits anyway; entries |v| <= 1 keep 3 more mantissa bits in float16 than in bfloat16),
+    float32 otherwise. Eigenvalues, singular values and means stay float32."""
+    return torch.float16 if weight_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 @dataclass
 class Decomposition:
-    """Everything one module's factors are cut from, at any rank up to ``keep``."""
+    """Everything one module's factors are cut from, at any rank up to ``keep``. Held on the host (a 7B
+    model's decompositions are tens of GiB: never on the GPU); ``factors`` moves the slices it needs to the
+    module's device."""
 
     target: Target
     m: int
@@ -409,7 +425,7 @@ class Decomposition:
     has_bias: bool
     mean: torch.Tensor  # [m] calibration output mean mu
     spectra: dict[str, tuple[torch.Tensor, torch.Tensor]]  # variant -> (eigvals [*], eigvecs [m, keep])
-    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U [m, keep], S [min(m, n)] (all), Vh [keep, n]
+    svd: tuple[torch.Tensor, torch.Tensor]  # singular vectors of the narrow side [min(m, n), keep], S (all)
     keep: int
 
     @property
@@ -420,6 +436,11 @@ class Decomposition:
     @property
     def kappa(self) -> int:
         return kappa(self.m, self.n)
+
+    @property
+    def right_singular(self) -> bool:
+        """Whether ``svd`` holds V (the right singular vectors, m >= n) rather than U (m < n)."""
+        return self.m >= self.n
 
     def full_rank(self, method: str) -> int:
         """Highest rank ``factors`` can cut for ``method``: the stored singular vectors (<= min(m, n)) or
@@ -437,38 +458,42 @@ class Decomposition:
         return self.has_bias or method == "feature"
 
     def discarded(self, x: torch.Tensor, rank: int) -> torch.Tensor:
-        """(I - P_r) x in float64: the part of ``x`` ([m] or [m, k]) outside the top-``rank`` centred output
-        directions, i.e. what the feature-space projection drops and mean compensation restores (§1.3)."""
+        """(I - P_r) x in float64 on ``x``'s device: the part of ``x`` ([m] or [m, k]) outside the top-``rank``
+        centred output directions, i.e. what the feature-space projection drops and mean compensation
+        restores (§1.3)."""
         if not 1 <= rank <= self.full_rank("feature"):
             raise ValueError(f"{self.target.path}: rank {rank} outside [1, {self.full_rank('feature')}], the stored "
                              "eigenvectors; use a lower rank or decompose with a larger keep")
-        v = self.spectra["centred"][1][:, :rank].double()
+        v = self.spectra["centred"][1][:, :rank].to(x.device, torch.float64)
         x = x.double()
         return x - v @ (v.T @ x)
 
     def factors(self, module: nn.Module, method: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(W1 [r, n], W2 [m, r], b [m] or None) of ``method`` at ``rank`` for the dense ``module``."""
+        """(W1 [r, n], W2 [m, r], b [m] or None) of ``method`` at ``rank`` for the dense ``module``, in float64
+        on the module's device."""
         if not 1 <= rank <= self.full_rank(method):
             raise ValueError(f"{self.target.path}: rank {rank} outside [1, {self.full_rank(method)}], the vectors "
                              f"stored for {method} (keep={self.keep}, matrix {self.m} x {self.n}); use a lower "
                              "rank or decompose with a larger keep")
         w = weight_of(module).detach().double()
         b0 = module.bias.detach().double() if module.bias is not None else None
-        if method == "weight_svd":
-            u, s, vh = (t.double() for t in self.svd)
-            return (s[:rank, None] * vh[:rank]), u[:, :rank], b0
-        v = self.spectra["uncentred" if method == "feature_uncentred" else "centred"][1][:, :rank].double()
+        if method == "weight_svd":  # the top-r singular subspace: W V_r V_r^T = U_r U_r^T W = U_r S_r V_r^T
+            q = self.svd[0][:, :rank].to(w.device, torch.float64)
+            return (q.T.contiguous(), w @ q, b0) if self.right_singular else (q.T @ w, q, b0)
+        v = self.spectra["uncentred" if method == "feature_uncentred" else "centred"][1][:, :rank]
+        v = v.to(w.device, torch.float64)
         w1 = v.T @ w
         b = None if b0 is None else v @ (v.T @ b0)
         if method == "feature":
-            comp = self.discarded(self.mean, rank)
+            comp = self.discarded(self.mean.to(w.device), rank)
             b = comp if b is None else b + comp
         return w1, v, b
 
 
 def _decompose(target: Target, module: nn.Module, moments: Moments, side: str, keep: int | None) -> Decomposition:
     """``moments`` of the module's outputs (``side`` "output", used when m <= n) or of its input ("input",
-    shared by the modules that read it, used when m > n); the same output statistics either way."""
+    shared by the modules that read it, used when m > n); the same output statistics either way. Computed
+    on the module's device in float64, returned on the host (``vector_dtype`` vectors)."""
     w = weight_of(module).detach().double()
     m, n = w.shape
     keep = kappa(m, n) if keep is None else keep
@@ -487,19 +512,24 @@ def _decompose(target: Target, module: nn.Module, moments: Moments, side: str, k
                    "uncentred": output_spectrum(w_aug, moments.root("uncentred"), k, f"{target.path}:uncentred")}
     u, s, vh = weight_svd(w)
     k = min(keep, len(s))
-    return Decomposition(target, m, n, module.bias is not None, mean.float(),
-                         {v: (e.float(), vec.float()) for v, (e, vec) in spectra.items()},
-                         (u[:, :k].float(), s.float(), vh[:k].float()), keep)
+    narrow = vh[:k].T if m >= n else u[:, :k]  # the exact side of weight_svd's Gram eigh
+    vec = vector_dtype(weight_of(module).dtype)
+
+    def host(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return t.to("cpu", dtype).contiguous()
+
+    return Decomposition(target, m, n, module.bias is not None, host(mean),
+                         {v: (host(e), host(q, vec)) for v, (e, q) in spectra.items()},
+                         (host(narrow, vec), host(s)), keep)
 
 
 def _save_layer(path: Path, decomps: list[Decomposition]) -> None:
     tensors, meta = {}, []
     for i, d in enumerate(decomps):
-        tensors[f"{i}.mean"] = d.mean.contiguous().cpu()
+        tensors[f"{i}.mean"] = d.mean
         for v, (vals, vecs) in d.spectra.items():
-            tensors[f"{i}.{v}.vals"], tensors[f"{i}.{v}.vecs"] = vals.contiguous().cpu(), vecs.contiguous().cpu()
-        for j, t in enumerate(d.svd):
-            tensors[f"{i}.svd{j}"] = t.contiguous().cpu()
+            tensors[f"{i}.{v}.vals"], tensors[f"{i}.{v}.vecs"] = vals, vecs
+        tensors[f"{i}.svd.vecs"], tensors[f"{i}.svd.vals"] = d.svd
         meta.append({"layer": d.target.layer, "name": d.target.name, "path": d.target.path, "m": d.m, "n": d.n,
                      "has_bias": d.has_bias, "keep": d.keep})
     tmp = path.with_suffix(".tmp")
@@ -512,15 +542,21 @@ def _load_layer(path: Path) -> list[Decomposition]:
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["modules"])
-    t = load_file(str(path))
+    t = load_file(str(path))  # on the host, where decompositions live
     return [Decomposition(Target(e["layer"], e["name"], e["path"]), e["m"], e["n"], e["has_bias"], t[f"{i}.mean"],
                           {v: (t[f"{i}.{v}.vals"], t[f"{i}.{v}.vecs"]) for v in VARIANTS},
-                          (t[f"{i}.svd0"], t[f"{i}.svd1"], t[f"{i}.svd2"]), e["keep"])
+                          (t[f"{i}.svd.vecs"], t[f"{i}.svd.vals"]), e["keep"])
             for i, e in enumerate(meta)]
 
 
+def stored_bytes(decomps: dict[str, Decomposition]) -> int:
+    """Bytes the decompositions hold (host memory, and about their safetensors cache on disk)."""
+    tensors = [t for d in decomps.values() for t in (d.mean, *d.svd, *(x for pair in d.spectra.values() for x in pair))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _layer_moments(modules: dict[str, nn.Module], inputs: LayerInputs, i: int, layer_targets: list[Target],
-                   dev: torch.device, exclude_first: bool) -> dict[str, tuple[Moments, str]]:
+                   exclude_first: bool) -> dict[str, tuple[Moments, str]]:
     """Per target of layer ``i``, over the cached batches: the moments of its outputs when m <= n (the
     smaller side), else of its input, one per distinct input tensor (gate/up read the same one)."""
     out: dict[str, tuple[Moments, str]] = {}
@@ -529,7 +565,7 @@ def _layer_moments(modules: dict[str, nn.Module], inputs: LayerInputs, i: int, l
 
     def add(key: str, store: dict, x: torch.Tensor) -> Moments:
         if key not in store:
-            store[key] = Moments(x.shape[-1], dev)
+            store[key] = Moments(x.shape[-1])
         store[key].add(x[:, 1:] if exclude_first else x)
         return store[key]
 
@@ -593,13 +629,12 @@ def decompose_model(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
             out.update({d.target.path: d for d in _load_layer(cache / f"layer_{i:02d}.safetensors")})
     if not todo:
         return out
-    dev = next(model.parameters()).device
     inputs = LayerInputs(model, calibration, batch_size=batch_size, keep="first")
     modules = dict(model.named_modules())
     for i in range(max(todo) + 1):
         if i in todo:
             layer_targets = targets(model, [i])
-            moments = _layer_moments(modules, inputs, i, layer_targets, dev, exclude_first)
+            moments = _layer_moments(modules, inputs, i, layer_targets, exclude_first)
             decomps = [_decompose(t, modules[t.path], *moments[t.path], keep) for t in layer_targets]
             if cache is not None:
                 _save_layer(cache / f"layer_{i:02d}.safetensors", decomps)
@@ -726,8 +761,7 @@ def layer_moments(model: nn.Module, calibration: torch.Tensor, layer: int, batch
     if calibration.ndim != 2 or calibration.shape[1] < 2:
         raise ValueError(f"calibration must be [N, T] windows with T >= 2, got shape {tuple(calibration.shape)}")
     inputs = LayerInputs(model, calibration, batch_size=batch_size, keep=[layer])
-    return _layer_moments(dict(model.named_modules()), inputs, layer, targets(model, [layer]),
-                          next(model.parameters()).device, exclude_first)
+    return _layer_moments(dict(model.named_modules()), inputs, layer, targets(model, [layer]), exclude_first)
 
 
 def _other_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
@@ -877,7 +911,8 @@ def decomposition_digest(decomps: dict[str, Decomposition]) -> str:
     h = hashlib.sha256()
     for p, d in decomps.items():
         h.update(p.encode())
-        h.update(torch.cat([d.mean, d.spectra["centred"][0][:8], d.spectra["uncentred"][0][:8]]).double().numpy().tobytes())
+        stats = torch.cat([d.mean, d.spectra["centred"][0][:8], d.spectra["uncentred"][0][:8]])
+        h.update(stats.to("cpu", torch.float64).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

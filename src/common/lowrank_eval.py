@@ -21,7 +21,7 @@ from common.manifest import record
 from common.models import weights_id
 
 #: Bump when the statistics or decompositions change meaning (invalidates the per-layer safetensors).
-STATS_VERSION = 2
+STATS_VERSION = 3
 
 #: SFSD Table A (README; LLaMA-7B, 0-shot, 6-task average): dense and both methods at 5.4B (80%) and 3.4B (50%).
 TABLE_A = {"dense": 69.61, ("feature", 80): 64.85, ("weight_svd", 80): 50.41, ("feature", 50): 47.26,

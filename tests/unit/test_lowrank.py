@@ -597,7 +597,7 @@ def test_shared_inputs_share_statistics(llama, llama_full) -> None:
 def test_moments_second(llama) -> None:
     gen = torch.Generator().manual_seed(7)
     xs = [torch.randn(3, 5, 4, generator=gen) for _ in range(3)]
-    mo = Moments(4, torch.device("cpu"))
+    mo = Moments(4)
     for x in xs:
         mo.add(x)
     flat = torch.cat([x.reshape(-1, 4) for x in xs]).double()
@@ -612,7 +612,7 @@ def test_moments_root_follows_later_batches() -> None:
     """``root`` is the square root of the statistics as they are now: a batch added after a first
     ``root`` call must show up in the next one (not a stale cached root)."""
     gen = torch.Generator().manual_seed(15)
-    mo = Moments(3, torch.device("cpu"))
+    mo = Moments(3)
     a, b = torch.randn(6, 3, generator=gen), 3.0 * torch.randn(6, 3, generator=gen) + 1.0
     mo.add(a)
     first = mo.root("centred")
@@ -632,7 +632,7 @@ def test_moments_covariance_is_float64_accurate_under_an_offset() -> None:
     constant offset). A float32 Gram loses ~eps32 (mu / sigma)^2 ~ 1e-4 of it."""
     gen = torch.Generator().manual_seed(8)
     xs = [(torch.randn(512, 16, generator=gen, dtype=torch.float64) + 30.0).float() for _ in range(8)]
-    mo = Moments(16, torch.device("cpu"))
+    mo = Moments(16)
     for x in xs:
         mo.add(x)
     flat = torch.cat(xs).double()
@@ -683,6 +683,35 @@ def test_eigh_spy_cache_and_resume(llama, calib, tmp_path) -> None:
     assert list(sub) == [p for p in paths if ".layers.1." in p] and len(lowrank.EIGH_CALLS) == 14
     torch.testing.assert_close(sub["model.layers.1.mlp.down_proj"].spectra["centred"][0],
                                first["model.layers.1.mlp.down_proj"].spectra["centred"][0])
+
+
+def test_decompositions_live_on_the_host_in_the_precision_factors_need(calib, tmp_path) -> None:
+    """A 16-bit model's eigen- and singular vectors are stored as float16 (values and means stay float32):
+    half the bytes of the float32 model's, on the host and in the cache, and the factors they give agree with
+    the float32 decomposition's to 16-bit round-off. Only the narrow side's singular vectors are kept."""
+    dense = models.load_model("tiny-llama")[0]
+    half = models.load_model("tiny-llama", dtype=torch.bfloat16)[0]
+    full = lowrank.decompose_model(dense, calib, layers=[1], batch_size=BATCH)
+    small = lowrank.decompose_model(half, calib, layers=[1], batch_size=BATCH, cache=tmp_path)
+    for p, d in small.items():
+        assert d.spectra["centred"][1].dtype == d.svd[0].dtype == torch.float16
+        assert d.mean.dtype == d.spectra["centred"][0].dtype == d.svd[1].dtype == torch.float32
+        assert all(t.device.type == "cpu" for t in (d.mean, *d.svd))
+        assert d.svd[0].shape[0] == min(d.m, d.n)
+        assert full[p].spectra["centred"][1].dtype == torch.float32
+    assert lowrank.vector_dtype(torch.float32) == torch.float32
+    assert lowrank.vector_dtype(torch.float16) == lowrank.vector_dtype(torch.bfloat16) == torch.float16
+    vectors = sum(d.spectra[v][1].numel() for d in full.values() for v in lowrank.VARIANTS) + \
+        sum(d.svd[0].numel() for d in full.values())
+    assert lowrank.stored_bytes(full) - lowrank.stored_bytes(small) == 2 * vectors
+    assert abs((tmp_path / "layer_01.safetensors").stat().st_size - lowrank.stored_bytes(small)) < 8192
+    path = "model.layers.1.mlp.up_proj"  # m > n: V is stored
+    module = half.get_submodule(path)
+    for method in ("weight_svd", "feature"):
+        got = _apply(small[path].factors(module, method, 8), torch.eye(module.in_features, dtype=torch.float64))
+        want = _apply(full[path].factors(dense.get_submodule(path), method, 8),
+                      torch.eye(module.in_features, dtype=torch.float64))
+        assert _rel(got, want) < 2e-2  # bf16 weights and fp16 vectors against float32 ones
 
 
 # --------------------------------------------------------------------- 6. factorised modules
@@ -852,10 +881,10 @@ def test_nan_activations_raise(calib) -> None:
         lowrank.decompose_model(model, calib[:4], layers=[0], batch_size=BATCH)
     gen = torch.Generator().manual_seed(14)
     for bad in (float("nan"), float("inf")):
-        ok = Moments(3, torch.device("cpu"))
+        ok = Moments(3)
         ok.add(torch.randn(4, 3, generator=gen))
         ok.root("centred")  # control: finite statistics are fine
-        mo = Moments(3, torch.device("cpu"))
+        mo = Moments(3)
         mo.add(torch.randn(4, 3, generator=gen))
         x = torch.ones(2, 3)
         x[1, 2] = bad
@@ -905,7 +934,7 @@ def test_spectra_frame_synthetic_decomposition() -> None:
     feat = torch.tensor([9.0, 1.0, 0.0, 0.0])  # top ceil(0.25 * 4) = 1 of 10
     d = Decomposition(t, m, n, False, torch.zeros(m),
                       {"centred": (feat, torch.eye(m)[:, :2]), "uncentred": (feat, torch.eye(m)[:, :2])},
-                      (torch.eye(m)[:, :2], torch.tensor([2.0, 1.0, 1.0, 1.0]), torch.eye(n)[:2]), 2)
+                      (torch.eye(n)[:, :2], torch.tensor([2.0, 1.0, 1.0, 1.0])), 2)
     frame = lowrank.spectra_frame({t.path: d})
     row = frame.iloc[0]
     assert (row["layer"], row["kind"]) == (5, "up")

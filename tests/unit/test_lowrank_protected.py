@@ -82,12 +82,12 @@ def test_moments_subset_is_the_sub_block() -> None:
     moment do not leak into it)."""
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(40, 7, generator=gen) * torch.arange(1, 8) + 25.0 for _ in range(3)]  # offset + scales
-    full = Moments(7, CPU)
+    full = Moments(7)
     for x in xs:
         full.add(x)
     idx = torch.tensor([5, 0, 3])  # unsorted on purpose
     sub = full.subset(idx)
-    alone = Moments(3, CPU)
+    alone = Moments(3)
     for x in xs:
         alone.add(x[:, idx])
     flat = torch.cat(xs)[:, idx].double()
@@ -284,7 +284,7 @@ def _planted_module(m: int, n: int, rows: list[int], q: int, seed: int) -> nn.Li
 def _moments_of(lin: nn.Linear, side: str, seed: int) -> tuple[Moments, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(300, lin.in_features, generator=gen) * 2.0 + 1.0
-    mo = Moments(lin.in_features if side == "input" else lin.out_features, CPU)
+    mo = Moments(lin.in_features if side == "input" else lin.out_features)
     with torch.no_grad():
         mo.add(x if side == "input" else lin(x))
     return mo, x
