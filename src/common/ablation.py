@@ -101,20 +101,26 @@ def hidden_intervention(layer: int, dims: list[int], values: list[float], name: 
 
 
 def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: torch.Tensor,
-             tasks: tuple[str, ...] = (), n_items: int | None = 0, batch_size: int = 4, seed: int = 0) -> dict:
-    """Perplexity on ``windows`` (and the zero-shot ``tasks`` with ``n_items`` each) under ``attack``, cached.
+             tasks: tuple[str, ...] = (), n_items: int | None = 0, batch_size: int = 4, seed: int = 0,
+             eval_batch_size: int = 4) -> dict:
+    """Perplexity on ``windows`` (``batch_size`` windows a forward) and the zero-shot ``tasks`` with ``n_items``
+    each (lm-eval's requests, ``eval_batch_size`` a forward: a 4096-token window and a 60-token request need
+    different batches) under ``attack``, cached.
 
     Returns ``{"ppl": float, "tasks": {task: {...}} | None, "avg": {...} | None}``.
     """
     cache_key = {"weights": models.weights_id(key), "attack": attack.kind, "params": attack.params,
                  "windows": tensor_digest(windows), "tasks": list(tasks), "n_items": n_items,
                  "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype)}
+    if tasks:  # a perplexity-only result does not depend on it
+        cache_key["eval_batch_size"] = eval_batch_size
 
     def compute() -> dict:
         with attack.context(model):
             out = {"ppl": evaluation.perplexity(model, windows, batch_size), "tasks": None, "avg": None}
             if tasks:
-                per_task = evaluation.zero_shot(model, tok, list(tasks), n_items, seed=seed, batch_size=batch_size,
+                per_task = evaluation.zero_shot(model, tok, list(tasks), n_items, seed=seed,
+                                                batch_size=eval_batch_size,
                                                 prepend_bos=models.get_spec(key).prepend_bos)
                 out["tasks"] = per_task
                 out["avg"] = evaluation.average_accuracy(per_task)
@@ -134,8 +140,9 @@ PAPER_TABLE1_REF = "HoC Table 1, Llama-3-8B (avg of WikiText-2/C4/PG-19 ppl; 5-t
 
 def table1_rows(model: torch.nn.Module, tok, key: str, report: massive.MassiveReport, ranked: list[int],
                 windows: torch.Tensor, k: int, seeds: tuple[int, ...], tasks: tuple[str, ...], n_items: int | None,
-                batch_size: int) -> dict[str, dict]:
-    """Evaluate HoC Table 1's rows for one model. Without a massive layer only ``base`` is evaluated."""
+                batch_size: int, eval_batch_size: int) -> dict[str, dict]:
+    """Evaluate HoC Table 1's rows for one model (``evaluate``'s two batch sizes). Without a massive layer only
+    ``base`` is evaluated."""
     attacks = [BASE]
     if report.found:
         attacks = table1(report, ranked, k, arch.intermediate_size(model, report.layer), seeds)
@@ -143,7 +150,7 @@ def table1_rows(model: torch.nn.Module, tok, key: str, report: massive.MassiveRe
     for attack in attacks:
         with_tasks = attack.name in ("base", f"zero_top{k}", f"keep_top{k}") or attack.name.endswith("_s0")
         rows[attack.name] = evaluate(model, tok, key, attack, windows, tasks if with_tasks else (), n_items,
-                                     batch_size)
+                                     batch_size, eval_batch_size=eval_batch_size)
     return rows
 
 

@@ -236,8 +236,8 @@ def capture_attention(model: torch.nn.Module, batches: Iterable[torch.Tensor], t
                       eta: float = 0.9) -> AttentionStats:
     """Run the backbone on each ``[B, T]`` batch of token ids with eager attention; a forward hook on every
     layer's attention module turns its probabilities into ``head_metrics`` at once and drops them, so only
-    statistics (and the per-head mean matrix) are kept. Raises if ``T`` exceeds the model's context or an
-    attention module returns no probabilities."""
+    statistics (and the per-head mean matrix) are kept. Raises if ``T`` exceeds the model's context, an
+    attention module returns no probabilities, or returns them in less than float32 (a bf16 model on a GPU)."""
     _check_level("tau", tau)
     _check_level("eta", eta)
     n_layers = len(arch.layers(model))
@@ -253,6 +253,10 @@ def capture_attention(model: torch.nn.Module, batches: Iterable[torch.Tensor], t
                 raise RuntimeError(f"the attention module of layer {i} returned no probabilities although eager "
                                    "attention was requested; load the model with attn_implementation='eager' "
                                    "(its family may not support switching at run time)")
+            if probs.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"layer {i}'s attention probabilities are {probs.dtype}: k*, m* and the lazy-layer "
+                                 "calls need float32 or wider (DESIGN §6); load the model with "
+                                 "dtype=gpu.STATISTICS_DTYPE (models.load_model(key, dtype=...))")
             per_layer[i].append({k: v.cpu() for k, v in head_metrics(probs, tau, eta).items()})
             s = probs.detach().double().sum(0)
             sums[i] = s if sums[i] is None else sums[i] + s

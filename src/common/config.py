@@ -17,6 +17,7 @@ import torch
 
 from common import REPO_ROOT
 from common.gpt import GPTConfig
+from common.gpu import device
 
 PROFILE_NAMES = ("smoke", "small", "paper")
 
@@ -88,6 +89,7 @@ class AblationConfig(CorpusConfig):
     k_grid: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100)
     sweep_tasks: tuple[str, ...] = ()
     sweep_n_items: int = 25
+    eval_batch_size: int = 4  # lm-eval requests per forward (the perplexity windows: batch_size)
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,7 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
         "02_massive_weight_ablation": AblationConfig(
             models=("llama-3-8b", "llama-2-7b", "mistral-7b"), corpus="wikitext2", n_windows=10, window_len=4096,
             batch_size=1, tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None,
-            sweep_model="llama-3-8b", sweep_tasks=("arc_easy", "boolq"), sweep_n_items=200),
+            eval_batch_size=32, sweep_model="llama-3-8b", sweep_tasks=("arc_easy", "boolq"), sweep_n_items=200),
         # HoC §4.1: alpaca-gpt4, LoRA/DoRA r16 a16 on all linear layers, lr 1e-4, 3 epochs, effective batch
         # 256 (one GPU: 8 x 32; under `accelerate launch` on 8 GPUs set grad_accum=4), bf16, seed 42.
         "03_macdrop_finetuning": MacDropConfig(
@@ -346,30 +348,31 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
 
 
 # The random-weight dry run (DESIGN §2, ``REPRO_WEIGHTS=random``): the profile's models at their shipped
-# configs with random weights, on the ``small`` data (no hub: the paper corpora and lm-eval's hub tasks are
-# replaced by the wiki corpus and the local tasks), with few items and steps, so every notebook's paper code
+# configs with random weights, on the ``small`` data (no hub: the paper corpora are replaced by the wiki corpus,
+# and lm-eval's hub tasks keep their names and code path but read local stand-in docs, ``tasks.STAND_INS``),
+# with few items and steps, so every notebook's paper code
 # path (dtype, GQA shapes, 4096-token windows, Conv1D GPT-2, gradient checkpointing, the search) runs in
 # minutes on one GPU. Sequence lengths and batch sizes stay the paper's: the memory footprint is the point.
 # ``REPRO_RANDOM_SHRINK=N`` (the CPU test) also divides the models' width and depth by N, and
 # ``SHRUNK_DRY_RUNS`` shortens the sequences so the same path takes seconds on CPU.
 _DRY_TRAIN = dict(epochs=1, save_steps=2)
-_DRY_TASKS = ("wiki_mc", "commonsense")
+_DRY_TASKS = ("arc_easy", "winogrande")  # paper tasks on local stand-ins (tasks.STAND_INS): one of each request form
 DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
     "01_massive_activation_origin": dict(n_windows=2),
     "02_massive_weight_ablation": dict(n_windows=2, tasks=_DRY_TASKS, n_items=20, seeds=(0,), k_grid=(0, 5, 50),
-                                       sweep_tasks=("wiki_mc",), sweep_n_items=10),
+                                       sweep_tasks=("arc_easy",), sweep_n_items=10),
     "03_macdrop_finetuning": dict(
         corpus="wiki", n_train=64, n_val=16, tasks=_DRY_TASKS, n_items=20,
         settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN),
-        grid_settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN), grid_tasks=("wiki_mc",),
+        grid_settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN), grid_tasks=("arc_easy",),
         grid_kinds=("step", "exp"), grid_p0s=(0.8,), scope_ps=(0.5,)),
     "04_attention_degeneration_inheritune": dict(
         n_windows=20, n_analysis=20, max_rounds=1,
         train=PretrainSettings(steps=20, batch_size=12, grad_accum=2, lr=3e-4, warmup=5, eval_interval=10,
                                ckpt_interval=10, n_val=16, bf16=True)),
     "05_lowrank_decomposition": dict(
-        calib_windows=32, eval_windows=8, tasks=_DRY_TASKS, n_items=20, search_windows=8, task="wiki_mc",
-        task_items=60, task_layers=2),
+        calib_windows=32, eval_windows=8, tasks=_DRY_TASKS, n_items=20, search_windows=8, task_items=60,
+        task_layers=2),
     "06_synthesis": dict(n_windows=16),
 }}
 SHRUNK_DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
@@ -377,7 +380,7 @@ SHRUNK_DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
     "02_massive_weight_ablation": dict(window_len=128, n_items=8, sweep_n_items=8),
     "03_macdrop_finetuning": dict(
         runs=(("llama-3-8b", ("lora", "lora_macdrop", "dora_macdrop"), (42,)),), n_train=16, n_val=8, n_items=8,
-        tasks=("wiki_mc",), full_grid=False,  # the grids' code is the smoke profile's (nbval); here only its settings
+        tasks=("arc_easy",), full_grid=False,  # the grids' code is the smoke profile's (nbval); here only its settings
         settings=replace(_PAPER_TRAIN, grad_accum=1, batch_size=8, max_len=128, **_DRY_TRAIN)),
     "04_attention_degeneration_inheritune": dict(
         n_windows=8, n_analysis=8, reference=GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=128, vocab_size=50304),
@@ -386,11 +389,6 @@ SHRUNK_DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
                                      search_len=32, n_items=8, task_items=60, task_layers=1, scan="bisect"),
     "06_synthesis": dict(n_windows=4, window_len=32),
 }}
-
-
-def world_size() -> int:
-    """Processes of this run: ``WORLD_SIZE`` as ``accelerate launch`` / torchrun set it, else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def random_weights() -> int | None:
@@ -457,11 +455,6 @@ def seed_everything(seed: int) -> None:
 def cache_dir() -> Path:
     """Root of every content-addressed cache: ``$REPRO_CACHE`` or ``build/cache``."""
     return Path(os.environ.get("REPRO_CACHE") or REPO_ROOT / "build" / "cache")
-
-
-def device() -> torch.device:
-    """``cuda`` when available, else ``cpu`` (DESIGN §6: resolved once, here)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def setup(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:

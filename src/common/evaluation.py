@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common import arch, data
-from common.config import world_size
+from common.gpu import world_size
 
 
 @torch.no_grad()
@@ -164,7 +164,8 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
 
     ``tasks``: names from ``common.tasks.LOCAL_TASKS`` (built from the held-out split, ``n_items`` each,
     seeded by ``seed``, written under ``cache_dir()/"tasks"``) and/or ``PAPER_TASKS`` (lm-eval's hub
-    datasets; ``n_items`` then limits each to its first items, ``None`` = all). ``prepend_bos``: the
+    datasets; ``n_items`` then limits each to its first items, ``None`` = all; under the dry run their local
+    stand-ins, ``tasks.paper_sources``). ``prepend_bos``: the
     model's registry policy (``models.get_spec(key).prepend_bos``), handed to HFLM as ``add_bos_token``.
     ``batch_size`` is fixed (never "auto"). A model spread over several GPUs (``device_map="auto"``, 13B-70B)
     is evaluated as it lies, in this one process: lm-eval feeds the batches to ``model.device`` (the first
@@ -195,6 +196,7 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
         raise ValueError("local tasks need n_items")
     docs = {t: local.build_docs(t, n_items, seed) for t in names}
     configs = local.materialise(names, n_items, seed, cache_dir() / "tasks") if names else []
+    sources = local.paper_sources(paper, n_items, cache_dir() / "tasks")  # hub names, or the dry run's stand-ins
 
     import lm_eval
     import lm_eval.evaluator  # noqa: F401  (import now, so _quiet_lm_eval sees every lm-eval logger)
@@ -209,7 +211,7 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, add_bos_token=prepend_bos,
                       device=str(model.device))
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=[*configs, *paper], task_manager=_task_manager(bool(paper)), num_fewshot=0,
+                model=lm, tasks=[*configs, *sources], task_manager=_task_manager(any(isinstance(x, str) for x in sources)), num_fewshot=0,
                 limit=n_items if paper else None, random_seed=seed, numpy_random_seed=1234,
                 torch_random_seed=1234, fewshot_random_seed=1234, bootstrap_iters=0, log_samples=True)
     finally:

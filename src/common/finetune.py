@@ -25,9 +25,10 @@ from pathlib import Path
 
 from torch import nn
 
-from common import __version__, arch, massive, models
-from common.config import MacDropConfig, TrainSettings, cache_dir, device, world_size
+from common import __version__, arch, gpu, massive, models
+from common.config import MacDropConfig, TrainSettings, cache_dir
 from common.data import collate, instruction_pairs, pad_id, tokenize_pairs
+from common.gpu import device, world_size
 from common.macdrop import MacDropCallback, Schedule, merge_histories
 from common.manifest import write_json_atomic
 
@@ -216,7 +217,12 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
     log = [{k: v for k, v in e.items() if k in ("step", "loss", "learning_rate", "grad_norm")}
            for e in trainer.state.log_history if "loss" in e]
     history = merge_histories(_gather(macdrop.history)) if macdrop else []
-    return FineTune(work / "adapter", log, history, seconds, trainer.state.global_step)
+    result = FineTune(work / "adapter", log, history, seconds, trainer.state.global_step)
+    # the next run's model must not find this one still on the GPU: with bf16, accelerate's autocast wrapper
+    # of model.forward closes over the model (a reference cycle that only the collector frees)
+    del trainer, model, macdrop
+    gpu.release()
+    return result
 
 
 def _gather(obj: object) -> list:

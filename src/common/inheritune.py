@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from common import __version__
-from common.config import PretrainSettings, cache_dir, device
+from common.config import PretrainSettings, cache_dir
 from common.gpt import GPT, GPTConfig
+from common.gpu import device
 from common.manifest import write_json_atomic
 
 #: Bump when a cached run's meaning changes (invalidates every cached Inheritune run).

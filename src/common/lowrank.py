@@ -167,7 +167,9 @@ class LayerInputs:
     ``targets`` [N, T] are the next-token ids scored where ``mask`` [N, T] is 1 (perplexity windows: every
     position but the last; multiple-choice requests: the continuation tokens). ``keep="all"`` caches every
     layer's input, a list of layer indices only those (what a caller will start from: memory is
-    N x T x d per layer); ``keep="first"`` only layer 0's (``advance`` then walks the stack one layer at a time)."""
+    N x T x d per layer); ``keep="first"`` only layer 0's (``advance`` then walks the stack one layer at a time).
+    The cached inputs are held on the host (a paper task search caches tens of GiB) and each batch goes to
+    its layer's device when it runs; the call arguments (positions, masks) stay on the device."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None,
                  batch_size: int = 8, keep: str | Sequence[int] = "all"):
@@ -201,7 +203,7 @@ class LayerInputs:
                 h = args[0] if args else kwargs["hidden_states"]
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 if i in kept:
-                    self.hidden[i][at["b"]] = h.detach()
+                    self.hidden[i][at["b"]] = h.detach().to("cpu")  # no copy on a CPU run
                 self.calls[i][at["b"]] = (args[1:], rest)
                 if at["stop"]:
                     raise _Stop
@@ -231,8 +233,9 @@ class LayerInputs:
         return len(self.stack)
 
     def _layer(self, i: int, b: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` on batch ``b``'s hidden states ``h`` (moved to the layer's device)."""
         args, kwargs = self.calls[i][b]
-        return _first(self.stack[i](h, *args, **kwargs))
+        return _first(self.stack[i](h.to(next(self.stack[i].parameters()).device), *args, **kwargs))
 
     @torch.no_grad()
     def advance(self) -> None:
@@ -240,7 +243,7 @@ class LayerInputs:
         i = self.layer
         if i >= self.n_layers - 1:
             raise RuntimeError("already at the last layer")
-        self.hidden[i + 1] = [self._layer(i, b, h) for b, h in enumerate(self.hidden[i])]
+        self.hidden[i + 1] = [self._layer(i, b, h).to("cpu") for b, h in enumerate(self.hidden[i])]
         self.hidden[i] = [None] * len(self.batches)
         self.layer = i + 1
 
@@ -1074,9 +1077,12 @@ class MultipleChoice:
 
 def multiple_choice(model: nn.Module, tok, key: str, docs: list[dict], metric: str, batch_size: int = 16,
                     delimiter: str = " ", keep: str | Sequence[int] = "all") -> MultipleChoice:
-    """Tokenise ``docs`` ({query, choices, gold}) the way lm-eval does (context, then the continuation as
-    the tokens of context + delimiter + choice beyond the context's) and cache the inputs of the layers in
-    ``keep`` (``LayerInputs``: the layers scoring will start from)."""
+    """Tokenise ``docs`` the way lm-eval does and cache the inputs of the layers in ``keep`` (``LayerInputs``:
+    the layers scoring will start from). A doc is ``tasks.requests``' ``{"pairs": [[context, continuation],
+    ...], "choices", "gold"}`` (any task, WinoGrande's per-choice contexts included) or a local task's
+    ``{"query", "choices", "gold"}`` (context ``query``, continuation ``delimiter + choice``). As in lm-eval's
+    ``_encode_pair``, trailing spaces of the context move to the continuation, and the continuation is the
+    tokens of context + continuation beyond the context's."""
     from common.models import get_spec
 
     if not docs:
@@ -1086,9 +1092,15 @@ def multiple_choice(model: nn.Module, tok, key: str, docs: list[dict], metric: s
     bos = [tok.bos_token_id] if get_spec(key).prepend_bos else []
     seqs, starts, doc_of, lengths = [], [], [], []
     for i, doc in enumerate(docs):
-        ctx = bos + tok(doc["query"], add_special_tokens=False)["input_ids"]
-        for choice in doc["choices"]:
-            whole = bos + tok(doc["query"] + delimiter + choice, add_special_tokens=False)["input_ids"]
+        pairs = doc.get("pairs") or [(doc["query"], delimiter + c) for c in doc["choices"]]
+        if len(pairs) != len(doc["choices"]):
+            raise ValueError(f"doc {i}: {len(pairs)} requests for {len(doc['choices'])} choices")
+        for (context, continuation), choice in zip(pairs, doc["choices"], strict=True):
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            ctx = bos + tok(context, add_special_tokens=False)["input_ids"]
+            whole = bos + tok(context + continuation, add_special_tokens=False)["input_ids"]
             seqs.append(whole)
             starts.append(len(ctx))
             doc_of.append(i)

@@ -53,16 +53,13 @@ class Suite:
         return average_accuracy(per_task, seed=seed)
 
 
-def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: int, seed: int = 0,
+def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: int | None, seed: int = 0,
           batch_size: int = 16, keep: str | list[int] = "all") -> Suite:
-    """The local zero-shot tasks of notebook 02, tokenised as lm-eval does (``tasks.TARGET_DELIMITER``),
-    with the inputs of the layers in ``keep`` cached (``Suite.evaluate(start)`` needs ``start`` among them)."""
-    unknown = [n for n in names if n not in tasks.LOCAL_TASKS]
-    if unknown:
-        raise ValueError(f"{unknown}: the cached scorer takes the local tasks ({', '.join(tasks.LOCAL_TASKS)}); "
-                         "score lm-eval's hub tasks with common.evaluation.zero_shot")
-    return Suite({n: lowrank.multiple_choice(model, tok, key, tasks.build_docs(n, n_items, seed),
-                                             tasks.LOCAL_TASKS[n].metric, batch_size, tasks.TARGET_DELIMITER, keep)
+    """Zero-shot tasks, local or the paper's (``n_items`` docs each; None: every doc of a paper task), with
+    lm-eval's requests (``tasks.requests``) and the inputs of the layers in ``keep`` cached
+    (``Suite.evaluate(start)`` needs ``start`` among them)."""
+    return Suite({n: lowrank.multiple_choice(model, tok, key, tasks.requests(n, n_items, seed), tasks.metric(n),
+                                             batch_size, keep=keep)
                   for n in names})
 
 

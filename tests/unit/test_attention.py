@@ -620,3 +620,14 @@ def test_notebook04_attention_figures_draw_what_they_are_given() -> None:
     maps = {0: torch.eye(4).expand(2, 4, 4), 3: torch.eye(4).expand(2, 4, 4)}
     assert len(plotting.plot_attention_maps(maps, heads=2, title="t").axes) == 4
     assert len(plotting.plot_attention_maps(maps, heads=4, title="t").axes) == 4  # the maps have only 2 heads
+
+
+def test_capture_refuses_16bit_probabilities(tiny_llama) -> None:
+    """A bf16 model (how a GPU box loads the paper models) returns bf16 probabilities: k*, m* and the lazy-layer
+    calls would then differ from the fp32 CPU runs, so capture refuses them and names the fix; in fp32 the same
+    model is measured."""
+    model = tiny_llama[0]
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    capture_attention(model, [ids])
+    with pytest.raises(ValueError, match="STATISTICS_DTYPE"):
+        capture_attention(model.to(torch.bfloat16), [ids])

@@ -101,14 +101,6 @@ def test_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.cache_dir() == REPO_ROOT / "build" / "cache"
 
 
-def test_device_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``device()`` is cuda exactly when torch reports CUDA."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert config.device() == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert config.device().type == "cuda"
-
-
 def test_setup_seeds_starts_manifest_and_styles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     """``setup`` returns the config, seeds, starts the manifest in out_dir and applies the figure style."""
@@ -229,7 +221,7 @@ def test_write_json_atomic_creates_dirs(tmp_path: Path) -> None:
 def test_run_metadata() -> None:
     """Provenance block: seed, device, dtype, library versions, empty model table."""
     meta = manifest.run_metadata(5)
-    assert meta["seed"] == 5 and meta["device"] == str(config.device()) and meta["models"] == {}
+    assert meta["seed"] == 5 and meta["device"] == str(torch.device("cuda" if torch.cuda.is_available() else "cpu")) and meta["models"] == {}
     assert meta["versions"]["torch"] == torch.__version__
     assert {"git_sha", "dirty", "dtype"} <= set(meta)
     json.dumps(meta)

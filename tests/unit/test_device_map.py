@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import evaluation, massive, models
+from common import evaluation, gpu, massive, models
 from common.capture import POINTS, capture
 from common.config import DETECTION_PROMPTS
 from common.models import ModelSpec
@@ -57,7 +57,7 @@ def _dispatched(monkeypatch, tmp_path):
         m.setattr(AutoModelForCausalLM, "from_pretrained", dispatching)
         m.setattr(models, "device", lambda: torch.device("cuda"))
         model, tok = models.load_model(DISK_KEY, dtype=torch.float32)
-    assert seen["device_map"] == "auto" and seen["use_safetensors"] is True
+    assert seen["device_map"] == {"": "cpu"} and seen["use_safetensors"] is True  # no CUDA here
     assert model.hf_device_map == OFFLOAD_MAP and not model.training
     assert model.model.layers[2].mlp.down_proj.weight.device.type == "meta"  # offloaded, hooks active
     return model, tok
@@ -76,10 +76,11 @@ def _same_stats(a, b) -> None:
             torch.testing.assert_close(got[point], want[point], rtol=1e-5, atol=1e-6)
 
 
-def test_load_hub_asks_for_auto_device_map_and_safetensors(monkeypatch, tiny_llama) -> None:
-    """``load_model`` of a hub model calls from_pretrained with the pinned revision, device_map="auto",
-    use_safetensors=True (fp32 on CPU) and leaves the dispatched model where accelerate put it; under a
-    distributed launch the map is the process's own device."""
+def test_load_hub_places_the_model_and_asks_for_safetensors(monkeypatch, tiny_llama) -> None:
+    """``load_model`` of a hub model calls from_pretrained with the pinned revision, the placement of
+    ``gpu.device_map`` for its weights (one GPU when they fit, "auto" only when they need several, the host
+    without CUDA), use_safetensors=True (fp32 on CPU), and leaves the dispatched model where accelerate put
+    it; under a distributed launch the map is the process's own device."""
     calls: dict[str, dict] = {}
     built = tiny_llama[0]
 
@@ -99,14 +100,18 @@ def test_load_hub_asks_for_auto_device_map_and_safetensors(monkeypatch, tiny_lla
     model, _ = models.load_model("llama-3-8b")
     assert model is built and not model.training
     assert calls["model"] == {"name": spec.hub_id, "revision": spec.revision, "dtype": torch.float32,
-                              "device_map": "auto", "use_safetensors": True}
+                              "device_map": {"": "cpu"}, "use_safetensors": True}
     assert calls["tok"] == {"name": spec.hub_id, "revision": spec.revision}
-    # accelerate launch / torchrun: one whole model per process, on its own GPU (or the CPU)
+    GiB = 1024 ** 3
+    for gpus, want in (([80 * GiB], {"": 0}), ([80 * GiB] * 8, {"": 0}), ([12 * GiB] * 2, "auto")):
+        monkeypatch.setattr(gpu, "gpu_memory", lambda gpus=gpus: gpus)
+        models.load_model("llama-3-8b", dtype=torch.bfloat16)  # 8B x 2 bytes: one 80 GB GPU; two 12 GB ones
+        assert calls["model"]["device_map"] == want, gpus
+    # accelerate launch / torchrun: one whole model per process, on its own GPU
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert models.hub_device_map() == {"": "cpu"}
-    monkeypatch.setattr(models, "device", lambda: torch.device("cuda"))
-    assert models.hub_device_map() == {"": 3}
+    models.load_model("llama-3-8b", dtype=torch.bfloat16)
+    assert calls["model"]["device_map"] == {"": 3}
 
 
 def test_dispatched_model_measures_like_the_plain_load(saved_tiny, tmp_path, monkeypatch) -> None:

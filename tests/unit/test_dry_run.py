@@ -41,13 +41,13 @@ def test_random_weights_reads_and_checks_the_environment(monkeypatch: pytest.Mon
 
 
 def test_dry_run_overlays_the_paper_profile_only(dry: None) -> None:
-    """Under REPRO_WEIGHTS=random the paper config takes DRY_RUNS' values (small data and tasks, one epoch)
-    and keeps the rest (models, arms, bf16, gradient checkpointing); smoke and small are untouched."""
+    """Under REPRO_WEIGHTS=random the paper config takes DRY_RUNS' values (small data, few paper tasks, one
+    epoch) and keeps the rest (models, arms, bf16, gradient checkpointing); smoke and small are untouched."""
     paper = config.PROFILES["paper"][NB03]
     cfg = config.load_config(NB03, "paper")
     assert cfg.dry_run and config.is_dry_run("paper")
     assert cfg.corpus == "wiki" and cfg.tasks == config.DRY_RUNS["paper"][NB03]["tasks"]
-    assert all(t in tasks.LOCAL_TASKS for t in (*cfg.tasks, *cfg.grid_tasks))  # no hub task in the dry run
+    assert all(t in tasks.PAPER_TASKS for t in (*cfg.tasks, *cfg.grid_tasks))  # the paper-task path, on stand-ins
     assert cfg.runs == paper.runs and cfg.settings.bf16 and cfg.settings.gradient_checkpointing
     assert cfg.settings.epochs == 1 and paper.settings.epochs == 3
     for profile in ("smoke", "small"):
@@ -57,15 +57,16 @@ def test_dry_run_overlays_the_paper_profile_only(dry: None) -> None:
                                                                    config.PROFILES[profile][NB03].settings)
 
 
-def test_every_paper_notebook_has_a_dry_run_on_local_data(dry: None) -> None:
-    """Each paper notebook's dry run reads nothing from the hub: corpora are replaced, tasks are local."""
+def test_every_paper_notebook_has_a_dry_run_on_local_data(dry: None, tmp_path) -> None:
+    """Each paper notebook's dry run reads nothing from the hub: corpora are replaced, and its tasks are paper
+    tasks (so the paper-task branch runs, issue 18) whose lm-eval sources are local stand-in configs."""
     for notebook in config.PROFILES["paper"]:
         assert notebook in config.DRY_RUNS["paper"] and notebook in config.SHRUNK_DRY_RUNS["paper"]
         cfg = config.load_config(notebook, "paper")
-        for name in ("tasks", "sweep_tasks", "grid_tasks"):
-            assert all(t in tasks.LOCAL_TASKS for t in getattr(cfg, name, ())), (notebook, name)
-        if getattr(cfg, "task", ""):
-            assert cfg.task in tasks.LOCAL_TASKS
+        names = [t for n in ("tasks", "sweep_tasks", "grid_tasks") for t in getattr(cfg, n, ())]
+        names += [cfg.task] if getattr(cfg, "task", "") else []
+        assert all(t in tasks.PAPER_TASKS for t in names), notebook
+        assert all(isinstance(s, dict) for s in tasks.paper_sources(sorted(set(names)), 4, tmp_path))
 
 
 def test_shrunk_dry_run_shortens_sequences(dry: None, monkeypatch: pytest.MonkeyPatch) -> None:

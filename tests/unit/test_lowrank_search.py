@@ -744,8 +744,21 @@ def test_suite_evaluate(plain):
     assert out["acc"] == pytest.approx(sum(correct) / 8) and out["tasks"] == ["commonsense"]
     assert out["ci95"][0] <= out["acc"] <= out["ci95"][1]
     assert zs.evaluate(2) == out  # from layer 2's cached inputs: the same
-    with pytest.raises(ValueError, match="local"):
-        lowrank_eval.suite(model, tok, KEY, ("piqa",), 8)
+
+
+def test_suite_scores_paper_tasks_as_lm_eval_does(plain, monkeypatch):
+    """Paper tasks in the cached scorer (notebook 05's paper profile refused them) give lm-eval's per-item
+    answers, for ARC's shared context and WinoGrande's per-choice contexts, on the dry run's stand-ins."""
+    monkeypatch.setenv("REPRO_WEIGHTS", "random")
+    model, tok, _ = plain
+    names = ("arc_easy", "winogrande")
+    zs = lowrank_eval.suite(model, tok, KEY, names, 12)
+    ref = evaluation.zero_shot(model, tok, list(names), 12, seed=0, batch_size=4,
+                               prepend_bos=models.get_spec(KEY).prepend_bos)
+    for name in names:
+        assert zs.tasks[name].correct(0) == ref[name]["correct"], name
+        assert zs.tasks[name].metric == ref[name]["metric"] == tasks.PAPER_TASKS[name]
+    assert any(0 < sum(ref[n]["correct"]) < 12 for n in names)  # a mix: agreement is informative
 
 
 # ------------------------------------------------------------------------ one decomposition each

@@ -473,6 +473,34 @@ def test_finetune_plain_lora_has_no_macdrop_history(tiny_llama) -> None:
     assert (result.path / "COMPLETE").exists()
 
 
+def test_finetune_frees_the_trained_model(tiny_llama, monkeypatch) -> None:
+    """Back-to-back fine-tunes (notebook 03 runs up to 43) must not pile up models: once ``finetune`` returns,
+    the model it trained is gone, also with bf16, where accelerate's autocast wrapper of ``forward`` makes a
+    reference cycle. The collector is off during the run, so only the library's own cleanup can free it."""
+    import gc
+    import weakref
+
+    tok = tiny_llama[1]
+    refs = []
+    load = models.load_model
+
+    def spy(*args, **kwargs):
+        model, t = load(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model, t
+
+    monkeypatch.setattr(finetune.models, "load_model", spy)
+    settings = _settings(epochs=1, batch_size=2, grad_accum=1, max_len=MAX_LEN, save_steps=100, bf16=True)
+    gc.collect()
+    gc.disable()
+    try:
+        result = finetune.finetune(KEY, finetune.ARMS["lora"], 0, settings, _train_set(tok, 4), None, [])
+        assert result.steps == 2 and len(refs) == 1
+        assert refs[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_p0_zero_trains_exactly_like_no_callback(tiny_llama, tmp_path) -> None:
     """MacDrop with p0 = 0 is a no-op: same per-step losses as training without it (same seed); p0 = 0.8
     constant changes them (the comparison can tell)."""

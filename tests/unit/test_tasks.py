@@ -267,6 +267,40 @@ def test_materialise_failure_leaves_nothing(tmp_path, monkeypatch: pytest.Monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_requests_of_a_local_task_are_what_lm_eval_scores() -> None:
+    """A local doc's requests: the query as context, delimiter + choice as each continuation."""
+    docs = tasks.build_docs("wiki_mc", 3, 0)
+    for doc, req in zip(docs, tasks.requests("wiki_mc", 3, 0), strict=True):
+        assert req["pairs"] == [[doc["query"], " " + c] for c in doc["choices"]]
+        assert (req["choices"], req["gold"]) == (doc["choices"], doc["gold"])
+
+
+@pytest.mark.parametrize("name", sorted(tasks.PAPER_TASKS))
+def test_paper_task_requests_through_lm_eval_on_dry_run_stand_ins(name, tmp_path, monkeypatch) -> None:
+    """The paper-task branch (lm-eval's own request construction) on the dry run's local stand-ins: one
+    request per choice, the gold among them; WinoGrande's per-choice contexts and shared continuation."""
+    monkeypatch.setenv("REPRO_WEIGHTS", "random")
+    reqs = tasks.requests(name, 6, root=tmp_path)
+    assert len(reqs) == 6 and tasks.metric(name) == tasks.PAPER_TASKS[name]
+    for r in reqs:
+        assert len(r["pairs"]) == len(r["choices"]) >= 2 and 0 <= r["gold"] < len(r["choices"])
+        contexts = {c for c, _ in r["pairs"]}
+        continuations = {c for _, c in r["pairs"]}
+        if name == "winogrande":
+            assert len(contexts) == 2 and len(continuations) == 1 and [c for c, _ in r["pairs"]] == r["choices"]
+        else:
+            assert len(contexts) == 1 and [c for _, c in r["pairs"]] == [" " + c for c in r["choices"]]
+    local, seed = tasks.STAND_INS[name]
+    if name != "winogrande":  # the stand-in's docs are the local task's, in order
+        assert [r["gold"] for r in reqs] == [d["gold"] for d in tasks.build_docs(local, 6, seed)]
+    monkeypatch.delenv("REPRO_WEIGHTS")
+    assert tasks.paper_sources([name], 6, tmp_path) == [name]  # off the dry run: the hub task by name
+    with pytest.raises(ValueError, match="not paper tasks"):
+        tasks.paper_sources(["wiki_mc"], 6, tmp_path)
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.requests("nope", 3)
+
+
 # ------------------------------------------------------------------------------------- bootstrap
 
 
