@@ -46,7 +46,9 @@ def notebook_rows(root: Path) -> list[dict]:
     rows = []
     for path in sorted(root.glob("*/manifest.json")):
         run = json.loads(path.read_text())["run"]
-        rows.append({"notebook": path.parent.name, "wall_min": run.get("wall_s", float("nan")) / 60,
+        # a notebook that failed never reached summary(): it has no wall time (and is reported as failed)
+        rows.append({"notebook": path.parent.name, "status": "ok" if "wall_s" in run else "failed",
+                     "wall_min": run.get("wall_s", float("nan")) / 60,
                      "peak_rss_gb": run.get("peak_rss_mb", float("nan")) / 1024,
                      "peak_gpu_gb": (run["peak_gpu_mb"] / 1024) if run.get("peak_gpu_mb") else None})
     return rows
@@ -76,9 +78,10 @@ def write(models_: list[dict], notebooks: list[dict], out: Path = DOCS) -> Path:
                      f"{_fmt(r['mfu'], '.1%')} |")
     run = "make test-dryrun" if shrink and shrink > 1 else "make dry-run"
     lines += ["", f"## Notebooks (`{run}`)", "",
-              "| notebook | wall (min) | peak host memory (GB) | peak GPU memory (GB) |", "|---|---|---|---|"]
+              "| notebook | status | wall (min) | peak host memory (GB) | peak GPU memory (GB) |", "|---|---|---|---|---|"]
     for r in notebooks:
-        lines.append(f"| {r['notebook']} | {r['wall_min']:.1f} | {r['peak_rss_gb']:.1f} | {_fmt(r['peak_gpu_gb'], '.1f')} |")
+        lines.append(f"| {r['notebook']} | {r['status']} | {r['wall_min']:.1f} | {r['peak_rss_gb']:.1f} | "
+                     f"{_fmt(r['peak_gpu_gb'], '.1f')} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper_dryrun.json").write_text(json.dumps({"device": dev, "shrink": shrink, "models": models_,
                                                       "notebooks": notebooks}, indent=1) + "\n")

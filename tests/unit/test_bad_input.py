@@ -286,7 +286,7 @@ CASES = [
     case("trajectory m=0 (was min() of empty)", ValueError, r"decision counts \[0\] must lie in \[1, 1\]",
          lambda e: lowrank_eval.trajectory(e.llama, e.decomps, e.state, [0], lambda start: 0.0)),
     case("trajectory m past the search (silently truncated)", ValueError, r"\[2\]", lambda e: lowrank_eval.trajectory(e.llama, e.decomps, e.state, [2], lambda start: 0.0)),
-    case("suite unknown task", ValueError, r"'arc_easy'.*local tasks", lambda e: lowrank_eval.suite(e.llama, e.tok, "tiny-llama", ("arc_easy",), 4)),
+    case("suite unknown task", ValueError, r"unknown task 'nope'", lambda e: lowrank_eval.suite(e.llama, e.tok, "tiny-llama", ("nope",), 4)),
     # ------------------------------------------------------------------------------------ evaluation
     case("response_loss no examples (was ZeroDivisionError)", ValueError, r"0 examples hold no response token",
          lambda e: evaluation.response_loss(e.llama, [], 0)),

@@ -118,6 +118,29 @@ def test_setup_seeds_starts_manifest_and_styles(tmp_path: Path, monkeypatch: pyt
     assert torch.equal(torch.rand(1), first)
 
 
+def test_setup_checks_the_memory_plan_on_a_gpu_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a GPU, ``setup`` refuses a notebook whose planned peak does not fit, before any work (no manifest
+    written), naming what to change; one that fits gets the prediction in its manifest's run block. Without a
+    GPU nothing is planned."""
+    from common import gpu
+
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
+    nb02 = "02_massive_weight_ablation"
+    monkeypatch.setattr(gpu, "gpu_memory", lambda: [8 * gpu.GiB])
+    with pytest.raises(MemoryError, match=r"needs ~.* GiB but the GPU has 8.0 GiB .* use "):
+        config.setup(nb02, "paper")
+    assert not (tmp_path / "figures").exists()
+    monkeypatch.setattr(gpu, "gpu_memory", lambda: [80 * gpu.GiB])
+    with matplotlib.rc_context():
+        cfg = config.setup(nb02, "smoke")
+    plan = manifest.load(cfg.out_dir / "manifest.json")["run"]["plan"]
+    assert plan["peak_gpu_mb"] > 0 and plan["peak_step"] in ("perplexity", "zero-shot")
+    monkeypatch.setattr(gpu, "gpu_memory", lambda: [])
+    with matplotlib.rc_context():
+        cfg = config.setup(nb02, "smoke")
+    assert "plan" not in manifest.load(cfg.out_dir / "manifest.json")["run"]
+
+
 # ------------------------------------------------------------------------------------- manifest
 
 

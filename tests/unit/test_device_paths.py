@@ -246,3 +246,23 @@ def test_fake_device_enforces_cuda_rules() -> None:
         assert lin.weight.grad.device == dev
         with pytest.raises(RuntimeError, match="same device"):
             lin(host)
+
+
+def test_park_and_unpark_move_a_model_between_the_device_and_the_host(pair, monkeypatch) -> None:
+    """Notebook 06 keeps several models and holds one at a time on the GPU: ``park`` moves one to the host,
+    ``unpark`` back to ``device()``, with the same outputs; a model spread by device_map is left alone."""
+    from common import gpu
+
+    host, clone, _ = pair
+    ids = _windows(2, 8)
+    with torch.no_grad():
+        want = host(input_ids=ids).logits
+    with fake_accelerator() as dev:
+        monkeypatch.setattr(gpu, "device", lambda: dev)
+        model = clone().to(dev)
+        assert on_host(next(gpu.park(model).parameters()))
+        assert next(gpu.unpark(model).parameters()).device == dev
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids.to(dev)).logits.cpu(), want, rtol=1e-4, atol=1e-4)
+        model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+        assert next(gpu.park(model).parameters()).device == dev  # spread: stays

