@@ -236,8 +236,12 @@ def test_paper_dryrun_table_on_shrunk_configs(dry: None, monkeypatch: pytest.Mon
     nb = tmp_path / "runs" / "01_massive_activation_origin"
     nb.mkdir(parents=True)
     (nb / "manifest.json").write_text(json.dumps({"run": {"wall_s": 90.0, "peak_rss_mb": 2048}}))
+    failed = tmp_path / "runs" / "02_massive_weight_ablation"  # setup() ran, summary() never did
+    failed.mkdir()
+    (failed / "manifest.json").write_text(json.dumps({"run": {"seed": 0}}))
     path = bench.write(rows, bench.notebook_rows(tmp_path / "runs"), tmp_path / "docs")
     text = path.read_text()
     assert "shrunk 16x" in text and "| llama-3-8b | float32 |" in text and "| n/a |" in text
-    assert "| 01_massive_activation_origin | 1.5 | 2.0 | n/a |" in text
+    assert "| 01_massive_activation_origin | ok | 1.5 | 2.0 | n/a |" in text
+    assert "| 02_massive_weight_ablation | failed |" in text  # what passed is still written
     assert json.loads((tmp_path / "docs" / "paper_dryrun.json").read_text())["shrink"] == 16
