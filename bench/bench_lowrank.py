@@ -25,7 +25,7 @@ def main() -> None:
     layers = list(range(protected, n_layers))
     cal = data.token_windows(tok, KEY, cfg.corpus, cfg.calib_windows, cfg.calib_len, split="train")
     decomps = lowrank.decompose_model(model, cal, layers, cfg.batch_size,
-                                      cache=lowrank_eval.decomposition_dir(KEY, cal, layers))
+                                      cache=lowrank_eval.decomposition_dir(KEY, model, cal, layers))
     test, search = lowrank_eval.heldout_windows(tok, KEY, cfg.corpus, cfg.eval_windows, cfg.eval_len,
                                                 cfg.search_windows, cfg.search_len)
     inputs = lowrank.LayerInputs(model, search, batch_size=cfg.batch_size)

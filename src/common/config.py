@@ -210,6 +210,7 @@ class LowRankConfig(NotebookConfig):
     chunk: float = 0.0666
     delta: float = 0.0
     task_layers: int | None = None  # search only the last N layers (None: every unprotected layer)
+    cache_every: int = 1  # task search: cache every k-th searched layer's inputs (host memory / k, <= k-1 more layers a candidate)
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,7 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             models=("llama-7b", "mistral-7b"), search_model="mistral-7b", corpus="wikitext2", calib_windows=512,
             calib_len=128, eval_windows=64, eval_len=128, batch_size=8,
             tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None, scan="linear",
-            search_windows=128, search_len=128, task="piqa", task_items=1838),
+            search_windows=128, search_len=128, task="piqa", task_items=1838, cache_every=4),
         # Inheritune's N = 100 windows of T = 100; the paper models of notebooks 01/02 (Llama-2-13B /
         # Llama-3-70B need several GPUs) and notebook 05's Mistral-7B; notebook 03's seed-42 adapters.
         "06_synthesis": SynthesisConfig(models=("llama-2-7b", "llama-3-8b", "mistral-7b"), corpus="wikitext2", n_windows=100,

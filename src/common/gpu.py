@@ -207,10 +207,10 @@ def inference_activations(shape: Shape, batch: int, seq: int, dtype: torch.dtype
 
 def training_activations(shape: Shape, batch: int, seq: int, checkpointing: bool) -> int:
     """Saved activations of one micro-batch in 16-bit mixed precision (Korthikanti et al. 2022: ~34 h bytes
-    per token and layer with a fused attention kernel), or, with gradient checkpointing, each layer's 16-bit
-    input plus one layer's full set during its recompute."""
+    per token and layer with a fused attention kernel, the FFN's 4h intermediate included), or, with gradient
+    checkpointing, each layer's 16-bit input plus one layer's full set during its recompute."""
     tokens = batch * seq
-    per_layer = tokens * (34 * shape.hidden + 4 * shape.inter)
+    per_layer = tokens * 34 * shape.hidden
     if checkpointing:
         return shape.layers * tokens * shape.hidden * 2 + per_layer
     return shape.layers * per_layer
@@ -223,17 +223,17 @@ def adapter_params(shape: Shape, rank: int) -> int:
 
 def decomposition_bytes(shape: Shape, layers: int, vector_bytes: int) -> int:
     """Host memory and cache bytes of SFSD decompositions of ``layers`` layers (``lowrank._decompose``): per
-    projection m x n, two sets of k = min(kappa, m) output eigenvectors [m, k] (centred and uncentred) and the
-    kappa singular vectors of the narrow side [min(m, n), kappa], at ``vector_bytes`` each
+    projection m x n, k = min(kappa, m) centred output eigenvectors [m, k] in float32; k uncentred ones and the
+    kappa singular vectors of the narrow side [min(m, n), kappa] at ``vector_bytes`` each
     (``lowrank.vector_dtype``); in float32 the output mean [m], the singular values [min(m, n)] and both
     spectra's eigenvalues (m each when m <= n, else n and n + 1: the narrow side's eigenproblem). A
     calibration set with fewer tokens than a module's width stores fewer eigenvectors (its rank)."""
     total = 0
     for m, n in shape.projections:
         kappa = (m * n) // (m + n)
-        vectors = 2 * m * min(kappa, m) + min(m, n) * kappa
+        k = min(kappa, m)
         values = m + min(m, n) + (2 * m if m <= n else 2 * n + 1)
-        total += vector_bytes * vectors + 4 * values
+        total += 4 * m * k + vector_bytes * (m * k + min(m, n) * kappa) + 4 * values
     return layers * total
 
 
@@ -278,31 +278,42 @@ def _step(name: str, model: str, host: int = 0, disk: int = 0, **terms: int) -> 
     return Step(name, model, sum(terms.values()), host, disk, terms)
 
 
-#: lm-eval paper tasks: (docs, choices per doc, mean request tokens) of the evaluated split. Approximate:
-#: the request length is a tokenizer-dependent estimate (BoolQ carries its passage).
-PAPER_TASK_SIZES = {"arc_easy": (2376, 4, 40), "arc_challenge": (1172, 4, 45), "boolq": (3270, 2, 160),
-                    "piqa": (1838, 2, 60), "winogrande": (1267, 2, 35)}
-#: Local tasks: (choices per doc, mean request tokens), for ``n_items`` docs each.
-LOCAL_TASK_SIZES = {"wiki_mc": (4, 60), "wiki_yesno": (2, 60), "wiki_topic": (11, 50), "wiki_cloze": (4, 50),
-                    "commonsense": (3, 30)}
+#: lm-eval paper tasks: (docs, choices per doc, mean and longest request in tokens) of the evaluated split.
+#: Estimates with Llama-family tokenizers (BoolQ carries its passage).
+PAPER_TASK_SIZES = {"arc_easy": (2376, 4, 45, 160), "arc_challenge": (1172, 4, 50, 180), "boolq": (3270, 2, 170, 900),
+                    "piqa": (1838, 2, 60, 260), "winogrande": (1267, 2, 30, 60)}
+#: Local tasks: (choices per doc, mean and longest request in tokens), for ``n_items`` docs each.
+LOCAL_TASK_SIZES = {"wiki_mc": (4, 40, 200), "wiki_yesno": (2, 45, 200), "wiki_topic": (11, 40, 200),
+                    "wiki_cloze": (4, 45, 200), "commonsense": (4, 30, 120)}
 
 
-def task_requests(tasks: tuple[str, ...], n_items: int | None) -> tuple[int, int]:
-    """(requests, mean tokens per request) of zero-shot ``tasks`` with ``n_items`` docs each (None: all)."""
-    reqs = toks = 0
+def task_requests(tasks: tuple[str, ...], n_items: int | None) -> list[tuple[int, int, int]]:
+    """Per task of zero-shot ``tasks`` with ``n_items`` docs each (None: all): (requests, mean request length,
+    longest request)."""
+    out = []
     for t in tasks:
         if t in PAPER_TASK_SIZES:
-            docs, choices, length = PAPER_TASK_SIZES[t]
+            docs, choices, mean, longest = PAPER_TASK_SIZES[t]
             docs = docs if n_items is None else min(docs, n_items)
         elif t in LOCAL_TASK_SIZES:
             if n_items is None:
                 raise ValueError(f"local task {t!r} needs n_items")
-            (choices, length), docs = LOCAL_TASK_SIZES[t], n_items
+            (choices, mean, longest), docs = LOCAL_TASK_SIZES[t], n_items
         else:
             raise ValueError(f"unknown task {t!r}; known: {', '.join([*PAPER_TASK_SIZES, *LOCAL_TASK_SIZES])}")
-        reqs += docs * choices
-        toks += docs * choices * length
-    return reqs, (toks // reqs if reqs else 0)
+        out.append((docs * choices, mean, longest))
+    return out
+
+
+def padded_tokens(tasks: tuple[str, ...], n_items: int | None) -> int:
+    """Tokens the cached scorer holds per layer for ``tasks``: each batch of requests runs to its own longest
+    (``lowrank.LayerInputs``), taken as twice the mean request (at most the task's longest)."""
+    return sum(reqs * min(longest, 2 * mean) for reqs, mean, longest in task_requests(tasks, n_items))
+
+
+def longest_request(tasks: tuple[str, ...], n_items: int | None) -> int:
+    """The longest request of ``tasks``: lm-eval sorts requests longest first, so its first batch holds it."""
+    return max((longest for _, _, longest in task_requests(tasks, n_items)), default=0)
 
 
 def _forward(shape: Shape, dtype: torch.dtype, batch: int, seq: int, head: bool, eager: bool = False) -> dict:
@@ -321,12 +332,12 @@ def plan_massive(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
 def plan_ablation(cfg, shapes: dict[str, Shape], dtype: torch.dtype, eval_batch: int) -> list[Step]:
     """Notebook 02: perplexity windows (fp32 logits of the vocabulary) and lm-eval's batches of requests."""
     steps = []
-    _, length = task_requests(cfg.tasks, cfg.n_items) if cfg.tasks else (0, 0)
+    length = longest_request(cfg.tasks, cfg.n_items)
     for key in cfg.models:
         s = shapes[key]
         steps.append(_step("perplexity", key, **_forward(s, dtype, cfg.batch_size, cfg.window_len, head=True)))
-        if cfg.tasks:  # lm-eval pads a batch to its longest request: allow 4x the mean
-            steps.append(_step("zero-shot", key, **_forward(s, dtype, eval_batch, 4 * length, head=True)))
+        if cfg.tasks:  # lm-eval sorts requests longest first: its first batch is the largest
+            steps.append(_step("zero-shot", key, **_forward(s, dtype, eval_batch, length, head=True)))
     return steps
 
 
@@ -366,12 +377,13 @@ def plan_inheritune(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[S
 
 def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step]:
     """Notebook 05 (every model stays loaded: the later sections use them all): the models' weights, the
-    factorised copies of one model's modules while swapped in (at most its dense size again), one batch's forward with fp32 logits, the float64 temporaries
-    of one module's decomposition (weight, projected weight, Gram). On the host (and the decompositions also
-    in the cache): the decompositions and the cached layer inputs (``lowrank.LayerInputs`` keeps them there)
-    of the evaluation windows, the zero-shot requests (one layer), the search windows (every layer) and the
-    task search's requests (every searched layer)."""
-    steps = []
+    factorised copies of one model's modules while swapped in (at most its dense size again), one batch's
+    forward with fp32 logits, the float64 temporaries of one module's decomposition (weight, its projection,
+    the Gram and eigenvectors). On the host: the decompositions (also in the cache) and the cached layer inputs
+    (``lowrank.LayerInputs`` keeps them there) of the evaluation windows, which the notebook keeps for every model,
+    and, while they are used, the zero-shot requests (one layer), the search windows (every layer) and the task
+    search's chunks, search split and test split (120% of its docs, every ``cache_every``-th searched layer)."""
+    steps, held = [], 0
     vector = 2 if dtype_bytes(dtype) == 2 else 4
     for key in cfg.models:
         s = shapes[key]
@@ -382,17 +394,19 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
         big = max(m * n for m, n in s.projections)
         host = {"decompositions": decomps, "eval_inputs": cfg.eval_windows * cfg.eval_len * hidden * layers}
         if cfg.tasks:
-            reqs, length = task_requests(cfg.tasks, cfg.n_items)
-            host["task_inputs"] = reqs * length * hidden
+            host["task_inputs"] = padded_tokens(cfg.tasks, cfg.n_items) * hidden
         if key == cfg.search_model:
             host["search_inputs"] = cfg.search_windows * cfg.search_len * hidden * s.layers
-            docs, choices, length = PAPER_TASK_SIZES.get(cfg.task, (cfg.task_items, 4, 60))
             searched = layers if cfg.task_layers is None else cfg.task_layers
-            host["task_search_inputs"] = min(docs, cfg.task_items) * choices * length * hidden * (1 + searched)
+            task = padded_tokens((cfg.task,), cfg.task_items) if cfg.task else 0
+            cached = 1 + -(-searched // cfg.cache_every)  # layer 0 and every k-th searched layer
+            host["task_search_inputs"] = int(1.2 * task) * hidden * cached
         others = sum(weights(shapes[k], dtype) for k in cfg.models if k != key)
-        steps.append(_step("decompose + evaluate", key, host=sum(host.values()), disk=decomps,
+        now = held + sum(host.values())
+        held += host["decompositions"] + host["eval_inputs"]  # kept in the notebook's ``run``; the rest is freed
+        steps.append(_step("decompose + evaluate", key, host=now, disk=decomps,
                            weights=weights(s, dtype), other_models=others, factorised=weights(s, dtype),
-                           decompose=3 * 8 * big,
+                           decompose=4 * 8 * big,
                            activations=inference_activations(s, cfg.batch_size, cfg.eval_len, dtype),
                            logits=logits(s, cfg.batch_size * cfg.eval_len, dtype)))
     return steps
@@ -400,13 +414,22 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
 
 def plan_synthesis(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step]:
     """Notebook 06: one fp32 model on the GPU at a time (attention probabilities are read: eager), the others
-    parked on the host (``park``); its MacDrop section adds a merged 16-bit fine-tune beside the base model."""
+    parked on the host (``park``); the mean-term section swaps factorised fp32 copies into notebook 05's search
+    model's decomposed layers (at most its dense size again); the MacDrop section holds a merged 16-bit
+    fine-tune of notebook 03's model beside its fp32 base."""
     steps = []
     for key in cfg.models:
         parked = sum(weights(shapes[k], STATISTICS_DTYPE) for k in cfg.models if k != key)
         steps.append(_step("sinks + ablation", key, host=parked,
                            **_forward(shapes[key], STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True,
                                       eager=True)))
+        s = shapes[key]
+        steps.append(_step("mean term + protected layer", key, host=parked,
+                           **_forward(s, STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True),
+                           factorised=weights(s, STATISTICS_DTYPE), decompose=4 * 8 * max(m * n for m, n in s.projections)))
+        steps.append(_step("MacDrop under compression", key, host=parked,
+                           **_forward(s, STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True),
+                           merged_finetune=weights(s, dtype)))
     return steps
 
 
@@ -431,7 +454,7 @@ def check(plan: Plan, gpus: list[int] | None = None) -> None:
     if not gpus:
         return
     peak, room = plan.peak, USABLE * gpus[0]
-    if peak.gpu <= room:
+    if peak.gpu <= room or (len(gpus) > 1 and peak.gpu <= USABLE * sum(gpus)):  # device_map spreads the rest
         return
     worst = max(peak.terms, key=peak.terms.get)
     hint = {"logits": "a smaller batch size or window length (the fp32 logits of the vocabulary dominate)",
@@ -441,5 +464,6 @@ def check(plan: Plan, gpus: list[int] | None = None) -> None:
             "task_inputs": "fewer zero-shot items (n_items)",
             "search_inputs": "fewer or shorter search windows", "eval_inputs": "fewer evaluation windows"}
     raise MemoryError(f"{plan.notebook}: step {peak.name!r} of {peak.model} needs ~{peak.gpu / GiB:.1f} GiB but the "
-                      f"GPU has {gpus[0] / GiB:.1f} GiB ({USABLE:.0%} usable); the largest term is {worst} "
+                      f"GPU has {gpus[0] / GiB:.1f} GiB ({USABLE:.0%} usable, {len(gpus)} GPU(s)); the largest term is "
+                      f"{worst} "
                       f"({peak.terms[worst] / GiB:.1f} GiB): use {hint.get(worst, 'a smaller configuration')}")

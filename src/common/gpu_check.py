@@ -174,10 +174,11 @@ def step_zero_shot(sz: Sizes, cache: Path) -> dict:
     res = evaluation.zero_shot(model, tok, ["arc_easy", "winogrande"], items, batch_size=batch)
     shape = gpu.Shape.from_config(model.config)
     dtype = next(model.parameters()).dtype
-    reqs, length = gpu.task_requests(("arc_easy", "winogrande"), items)
-    planned = (gpu.weights(shape, dtype) + gpu.inference_activations(shape, batch, 4 * length, dtype)
-               + gpu.logits(shape, batch * 4 * length, dtype))
-    return {"planned": planned, "acc": {t: r["acc"] for t, r in res.items()}, "requests": reqs}
+    length = gpu.longest_request(("arc_easy", "winogrande"), items)
+    planned = (gpu.weights(shape, dtype) + gpu.inference_activations(shape, batch, length, dtype)
+               + gpu.logits(shape, batch * length, dtype))
+    return {"planned": planned, "acc": {t: r["acc"] for t, r in res.items()},
+            "requests": sum(r["n"] for r in res.values())}
 
 
 def step_inheritune(sz: Sizes, cache: Path) -> dict:
@@ -217,8 +218,7 @@ def step_attention(sz: Sizes, cache: Path) -> dict:
     seconds = time.perf_counter() - start
     shape = gpu.Shape.from_config(model.config)
     planned = gpu.weights(shape, torch.float32) + gpu.inference_activations(shape, 10, t, torch.float32, eager=True)
-    return {"planned": planned, "tokens_per_s": n * t / seconds, "max_rank_last": float(stats.max_rank()[-1]),
-            "notebook": "06_synthesis"}
+    return {"planned": planned, "tokens_per_s": n * t / seconds, "max_rank_last": float(stats.max_rank()[-1])}
 
 
 def step_gpu_tests(sz: Sizes, cache: Path) -> dict:

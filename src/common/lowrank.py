@@ -191,6 +191,9 @@ class LayerInputs:
             raise ValueError(f"mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}")
         self.mask = torch.ones_like(ids) if mask is None else mask  # [:, -1] is never read: nothing follows
         self.batches = [slice(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
+        # each batch runs only up to its last scored position (+ the token it predicts): right padding
+        # beyond it never reaches a scored position under causal attention, and would cost memory and time
+        self.widths = [self._width(self.mask[sl]) for sl in self.batches]
         self.hidden: list[list[torch.Tensor | None]] = [[None] * len(self.batches) for _ in range(n_layers)]
         self.calls: list[list[tuple]] = [[None] * len(self.batches) for _ in range(n_layers)]
         self.layer = 0  # with keep="first": the layer whose inputs ``hidden[layer]`` holds
@@ -213,13 +216,14 @@ class LayerInputs:
         try:
             with torch.no_grad():
                 for at["b"], sl in enumerate(self.batches):
-                    shape = tuple(ids[sl].shape)
+                    batch = ids[sl, :self.widths[at["b"]]]
+                    shape = tuple(batch.shape)
                     # keep="first": positions and masks depend on the batch shape only, so a batch whose
                     # shape was seen stops after layer 0 and borrows the other layers' call arguments
                     at["stop"] = keep == "first" and shape in shapes
                     shapes.setdefault(shape, at["b"])
                     try:
-                        arch.backbone(model)(input_ids=ids[sl].to(dev), use_cache=False)
+                        arch.backbone(model)(input_ids=batch.to(dev), use_cache=False)
                     except _Stop:
                         ref = shapes[shape]
                         for i in range(1, n_layers):
@@ -228,14 +232,24 @@ class LayerInputs:
             for h in handles:
                 h.remove()
 
+    @staticmethod
+    def _width(mask: torch.Tensor) -> int:
+        """Columns a batch needs: through its last scored position and the token that position predicts."""
+        scored = mask[:, :-1].nonzero()
+        return int(scored[:, 1].max()) + 2 if len(scored) else 2
+
     @property
     def n_layers(self) -> int:
         return len(self.stack)
 
     def _layer(self, i: int, b: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer ``i`` on batch ``b``'s hidden states ``h`` (moved to the layer's device)."""
+        """Layer ``i`` on batch ``b``'s hidden states ``h``, moved to the layer's device (a layer that
+        accelerate dispatched moves them itself: its weights may be offloaded placeholders)."""
         args, kwargs = self.calls[i][b]
-        return _first(self.stack[i](h.to(next(self.stack[i].parameters()).device), *args, **kwargs))
+        layer = self.stack[i]
+        if getattr(layer, "_hf_hook", None) is None:
+            h = h.to(next(layer.parameters()).device)
+        return _first(layer(h, *args, **kwargs))
 
     @torch.no_grad()
     def advance(self) -> None:
@@ -250,20 +264,25 @@ class LayerInputs:
     @torch.no_grad()
     def logprobs(self, start: int = 0) -> torch.Tensor:
         """Per sequence, the summed log-probability of its masked target tokens, running layers
-        ``start..L-1``, the final norm and the LM head from the cached inputs of layer ``start``."""
+        ``start..L-1``, the final norm and the LM head from the cached inputs of layer ``start``, or of the
+        nearest cached layer below it (the layers in between must be unchanged: callers change only layers
+        >= ``start``, so caching every k-th layer trades k - 1 layers of compute for 1/k of the memory)."""
         if not 0 <= start < self.n_layers:
             raise ValueError(f"start={start} is outside the model's {self.n_layers} layers; pick 0 <= start < "
                              f"{self.n_layers}")
-        if self.hidden[start][0] is None:
-            raise ValueError(f"layer {start}'s inputs are not cached (keep='all' caches every layer)")
+        base = next((i for i in range(start, -1, -1) if self.hidden[i][0] is not None), None)
+        if base is None:
+            raise ValueError(f"layer {start}'s inputs are not cached, nor a lower layer's (keep='all' caches "
+                             "every layer)")
         norm, head = arch.final_norm(self.model), arch.lm_head(self.model)
         cap = getattr(getattr(arch.unwrap(self.model), "config", None), "final_logit_softcapping", None)
         out = []
         for b, sl in enumerate(self.batches):
-            h = self.hidden[start][b]
-            for i in range(start, self.n_layers):
+            h = self.hidden[base][b]
+            for i in range(base, self.n_layers):
                 h = self._layer(i, b, h)
-            ids, mask = self.ids[sl, 1:].to(h.device), self.mask[sl, :-1].to(h.device).bool()
+            w = self.widths[b]
+            ids, mask = self.ids[sl, 1:w].to(h.device), self.mask[sl, :w - 1].to(h.device).bool()
             rows = norm(h)[:, :-1][mask]  # the head only where a token is scored (multiple choice: a few)
             logits = head(rows).float()
             if cap:
@@ -410,17 +429,19 @@ def weight_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def vector_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Storage precision of a decomposition's eigen- and singular vectors: float16 for a 16-bit model (its
+    """Storage precision of the uncentred eigenvectors and the singular vectors: float16 for a 16-bit model (its
     factors are cast to 16 bits anyway; entries |v| <= 1 keep 3 more mantissa bits in float16 than in bfloat16),
-    float32 otherwise. Eigenvalues, singular values and means stay float32."""
+    float32 otherwise. The centred eigenvectors stay float32 on every model: mean compensation restores
+    (I - P_r) mu, a small remainder of a mean that massive activations make large, which float16 projectors
+    would drown (~1e-3 |mu|). Eigenvalues, singular values and means stay float32."""
     return torch.float16 if weight_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 @dataclass
 class Decomposition:
     """Everything one module's factors are cut from, at any rank up to ``keep``. Held on the host (a 7B
-    model's decompositions are tens of GiB: never on the GPU); ``factors`` moves the slices it needs to the
-    module's device."""
+    model's decompositions are tens of GiB: never on the GPU), in the precisions of ``vector_dtype``; ``factors``
+    moves the slices it needs to the module's device."""
 
     target: Target
     m: int
@@ -522,7 +543,8 @@ def _decompose(target: Target, module: nn.Module, moments: Moments, side: str, k
         return t.to("cpu", dtype).contiguous()
 
     return Decomposition(target, m, n, module.bias is not None, host(mean),
-                         {v: (host(e), host(q, vec)) for v, (e, q) in spectra.items()},
+                         {v: (host(e), host(q, vec if v == "uncentred" else torch.float32))
+                          for v, (e, q) in spectra.items()},
                          (host(narrow, vec), host(s)), keep)
 
 
@@ -906,14 +928,18 @@ class SearchState:
         return cls(**raw)
 
 
+#: Bump when what a ``Decomposition`` holds, or how factors are cut from it, changes (part of every digest).
+DECOMPOSITION_FORMAT = 2
+
+
 def decomposition_digest(decomps: dict[str, Decomposition]) -> str:
-    """Short identity of a set of decompositions (their modules, output means and leading eigenvalues):
-    part of every cached result and search state computed from them."""
+    """Short identity of a set of decompositions (the format, their modules and vector precisions, output means
+    and leading eigenvalues): part of every cached result and search state computed from them."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"format {DECOMPOSITION_FORMAT}".encode())
     for p, d in decomps.items():
-        h.update(p.encode())
+        h.update(f"{p}|{d.spectra['uncentred'][1].dtype}|{d.svd[0].dtype}".encode())
         stats = torch.cat([d.mean, d.spectra["centred"][0][:8], d.spectra["uncentred"][0][:8]])
         h.update(stats.to("cpu", torch.float64).numpy().tobytes())
     return h.hexdigest()[:16]

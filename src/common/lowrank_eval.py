@@ -28,10 +28,14 @@ TABLE_A = {"dense": 69.61, ("feature", 80): 64.85, ("weight_svd", 80): 50.41, ("
            ("weight_svd", 50): 41.04}
 
 
-def decomposition_dir(key: str, calibration: torch.Tensor, layers: list[int], exclude_first: bool = False) -> Path:
-    """Content-addressed home of a model's per-layer decompositions (safetensors): weights, calibration
-    tokens, layers, variant and the cache version."""
-    tag = f"{weights_id(key)}|{tensor_digest(calibration)}|{layers}|{exclude_first}|{CACHE_VERSION}|{STATS_VERSION}"
+def decomposition_dir(key: str, model: nn.Module, calibration: torch.Tensor, layers: list[int],
+                      exclude_first: bool = False) -> Path:
+    """Content-addressed home of a model's per-layer decompositions (safetensors): weights and the dtype they
+    were loaded in (notebook 05 runs a paper model in bf16, notebook 06 in fp32: different statistics),
+    calibration tokens, layers, variant and the cache version."""
+    dtype = next(model.parameters()).dtype
+    tag = (f"{weights_id(key)}|{dtype}|{tensor_digest(calibration)}|{layers}|{exclude_first}|{CACHE_VERSION}|"
+           f"{STATS_VERSION}")
     import hashlib
 
     return cache_dir() / "lowrank" / f"{key}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"

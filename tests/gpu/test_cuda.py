@@ -38,10 +38,15 @@ def test_decompositions_on_cuda_match_the_host_and_reload(tmp_path) -> None:
     for p, d in want.items():
         torch.testing.assert_close(got[p].spectra["centred"][0], d.spectra["centred"][0], rtol=1e-3, atol=1e-4)
         assert got[p].mean.device.type == "cpu"
-    inputs = lowrank.LayerInputs(dev, test, batch_size=2)
-    for method in lowrank.METHODS:
-        with lowrank.decomposed(dev, again, method, lowrank.uniform_ranks(again, 50, [1, 2])):
-            assert inputs.perplexity(1) > 0
+    def ppl(model, decomps):
+        inputs = lowrank.LayerInputs(model, test, batch_size=2)
+        out = {}
+        for method in lowrank.METHODS:
+            with lowrank.decomposed(model, decomps, method, lowrank.uniform_ranks(decomps, 50, [1, 2])):
+                out[method] = inputs.perplexity(1)
+        return out
+
+    assert ppl(dev, again) == pytest.approx(ppl(host, want), rel=1e-3)  # TF32 / kernel order: not bit-exact
 
 
 def test_a_model_that_fits_goes_on_one_gpu() -> None:

@@ -153,3 +153,18 @@ def test_zero_shot_on_a_dispatched_model_and_not_under_a_launcher(saved_tiny, tm
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="one process"):
         evaluation.zero_shot(plain, tok, ["commonsense"], 8)
+
+
+def test_cached_layer_inputs_run_an_offloaded_model(saved_tiny, tmp_path, monkeypatch) -> None:
+    """``lowrank.LayerInputs`` holds its inputs on the host and leaves a dispatched layer's inputs to
+    accelerate's hook (its weights are meta placeholders between forwards): the offloaded model's perplexity
+    from every layer equals the plain model's."""
+    from common import lowrank
+
+    plain, _ = saved_tiny
+    model, _ = _dispatched(monkeypatch, tmp_path)
+    ids = _windows(4, 24)
+    want = lowrank.LayerInputs(plain, ids, batch_size=2).perplexity(0)
+    got = lowrank.LayerInputs(model, ids, batch_size=2)
+    for start in range(4):
+        assert got.perplexity(start) == pytest.approx(want, rel=1e-5)

@@ -294,8 +294,7 @@ def test_keep_first_advance_reproduces_keep_all(key, llama, gpt2) -> None:
     full = LayerInputs(model, ids, batch_size=3)  # batches 3, 3, 2
     walk = LayerInputs(model, ids, batch_size=3, keep="first")
     assert all(h is None for h in walk.hidden[1])
-    with pytest.raises(ValueError, match="not cached"):
-        walk.logprobs(1)
+    assert walk.perplexity(1) == pytest.approx(full.perplexity(1), rel=1e-6)  # from the nearest cached layer, 0
     for layer in range(walk.n_layers):
         assert walk.layer == layer
         for b in range(len(full.batches)):
@@ -303,6 +302,8 @@ def test_keep_first_advance_reproduces_keep_all(key, llama, gpt2) -> None:
         assert walk.perplexity(layer) == pytest.approx(full.perplexity(0), rel=1e-5)
         if layer < walk.n_layers - 1:
             walk.advance()
+            with pytest.raises(ValueError, match="not cached"):
+                walk.logprobs(layer)  # advanced past it: nothing at or below is cached
             assert all(h is None for h in walk.hidden[layer])
     with pytest.raises(RuntimeError):
         walk.advance()
@@ -686,23 +687,24 @@ def test_eigh_spy_cache_and_resume(llama, calib, tmp_path) -> None:
 
 
 def test_decompositions_live_on_the_host_in_the_precision_factors_need(calib, tmp_path) -> None:
-    """A 16-bit model's eigen- and singular vectors are stored as float16 (values and means stay float32):
-    half the bytes of the float32 model's, on the host and in the cache, and the factors they give agree with
-    the float32 decomposition's to 16-bit round-off. Only the narrow side's singular vectors are kept."""
+    """A 16-bit model's uncentred eigenvectors and singular vectors are stored as float16 (the centred
+    eigenvectors, which mean compensation needs exactly, values and means stay float32): half their bytes, on
+    the host and in the cache, and the factors agree with the float32 decomposition's to 16-bit round-off.
+    Only the narrow side's singular vectors are kept."""
     dense = models.load_model("tiny-llama")[0]
     half = models.load_model("tiny-llama", dtype=torch.bfloat16)[0]
     full = lowrank.decompose_model(dense, calib, layers=[1], batch_size=BATCH)
     small = lowrank.decompose_model(half, calib, layers=[1], batch_size=BATCH, cache=tmp_path)
     for p, d in small.items():
-        assert d.spectra["centred"][1].dtype == d.svd[0].dtype == torch.float16
-        assert d.mean.dtype == d.spectra["centred"][0].dtype == d.svd[1].dtype == torch.float32
+        assert d.spectra["uncentred"][1].dtype == d.svd[0].dtype == torch.float16
+        assert d.mean.dtype == d.spectra["centred"][1].dtype == d.spectra["centred"][0].dtype == d.svd[1].dtype \
+            == torch.float32
         assert all(t.device.type == "cpu" for t in (d.mean, *d.svd))
         assert d.svd[0].shape[0] == min(d.m, d.n)
         assert full[p].spectra["centred"][1].dtype == torch.float32
     assert lowrank.vector_dtype(torch.float32) == torch.float32
     assert lowrank.vector_dtype(torch.float16) == lowrank.vector_dtype(torch.bfloat16) == torch.float16
-    vectors = sum(d.spectra[v][1].numel() for d in full.values() for v in lowrank.VARIANTS) + \
-        sum(d.svd[0].numel() for d in full.values())
+    vectors = sum(d.spectra["uncentred"][1].numel() + d.svd[0].numel() for d in full.values())
     assert lowrank.stored_bytes(full) - lowrank.stored_bytes(small) == 2 * vectors
     assert abs((tmp_path / "layer_01.safetensors").stat().st_size - lowrank.stored_bytes(small)) < 8192
     path = "model.layers.1.mlp.up_proj"  # m > n: V is stored
