@@ -68,7 +68,7 @@ gpu-check:  ## GPU box, offline: each notebook's riskiest step at full size on r
 	PYTHONPATH=build/site:src TQDM_DISABLE=1 $(GPU_PY) -m common.gpu_check --out docs/gpu_check.json; \
 	  status=$$?; PYTHONPATH=build/site:src $(GPU_PY) -m common.plan --write || status=1; exit $$status
 
-wheelhouse: setup  ## networked machine: the wheels gpu-check needs on an offline GPU box with its own torch stack (Python $(GPU_PYTHON)) -> $(WHEELHOUSE)
+wheelhouse: setup  ## networked machine: the wheels gpu-check needs on an offline GPU box with its own torch stack (Python 3.12) -> build/wheelhouse
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	for req in $$($(PY) -m common.gpu_check --wheels); do \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
@@ -79,7 +79,7 @@ wheelhouse: setup  ## networked machine: the wheels gpu-check needs on an offlin
 plan: setup  ## the memory and disk plan of every notebook of PROFILE (make plan PROFILE=paper); WRITE=1 regenerates docs/GPU.md (paper)
 	$(PY) -m common.plan --profile $(PROFILE) $(if $(WRITE),--write,)
 
-test: setup  ## install what the tests need, then unit + notebooks (smoke, nbval) + real-model + claims tests + the shrunk paper dry run
+test: setup  ## install what the tests need, then unit (device tier included) + notebooks (smoke, nbval) + real-model + claims tests + the shrunk paper dry run and gpu-check
 	$(PY) -m common.models prepare smollm2-135m
 	$(MAKE) --no-print-directory lint test-unit test-notebooks test-determinism test-real test-dryrun test-gpu-check
 

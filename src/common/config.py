@@ -476,6 +476,9 @@ def setup(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
     if gpu.gpu_memory():
         plan = gpu.notebook_plan(cfg, models.shapes(notebook_models(cfg)), models.default_dtype(notebook_models(cfg)))
         gpu.check(plan)
+        warning = gpu.host_warning(plan)
+        if warning:
+            print(f"WARNING {warning}")
     manifest.start(cfg)
     if plan is not None:
         manifest.current().run["plan"] = {"peak_gpu_mb": round(plan.peak.gpu / 2**20), "peak_step": plan.peak.name,

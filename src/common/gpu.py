@@ -447,6 +447,24 @@ def notebook_plan(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> Plan:
     return Plan(cfg.notebook, planner(cfg, shapes, dtype, **extra))
 
 
+def host_memory() -> int:
+    """Physical memory of this machine in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_warning(plan: Plan, total: int | None = None) -> str | None:
+    """A warning when the plan's host memory exceeds 90% of this machine's (``total``: its bytes), naming the
+    step; None when it fits. Host memory is a first-order estimate (task request lengths), so it warns rather
+    than refuses."""
+    total = host_memory() if total is None else total
+    if plan.host <= USABLE * total:
+        return None
+    step = max(plan.steps, key=lambda s: s.host)
+    return (f"{plan.notebook}: step {step.name!r} of {step.model} may hold ~{plan.host / GiB:.0f} GiB of host memory, "
+            f"more than {USABLE:.0%} of this machine's {total / GiB:.0f} GiB (notebook 05: raise cache_every or lower "
+            "task_items)")
+
+
 def check(plan: Plan, gpus: list[int] | None = None) -> None:
     """Refuse, before any work, a plan whose peak does not fit one of the detected GPUs (``gpus``: their
     bytes; default the visible ones; nothing to check without CUDA), naming the step and what to change."""

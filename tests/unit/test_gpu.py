@@ -165,6 +165,14 @@ def test_check_refuses_with_what_to_change() -> None:
     gpu.check(plan, [])  # no GPU: nothing to check
 
 
+def test_host_warning_names_the_step_when_ram_is_short() -> None:
+    plan = _paper_plan("05_lowrank_decomposition")
+    assert gpu.host_warning(plan, total=10 * plan.host) is None
+    warning = gpu.host_warning(plan, total=plan.host // 2)
+    assert "decompose + evaluate" in warning and "cache_every" in warning
+    assert gpu.host_memory() > 1 << 30
+
+
 def test_paper_config_dtype_from_auto_config() -> None:
     """``Shape.from_config`` reads a plain AutoConfig the same way (GPT-2's n_embd / n_layer names)."""
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=3, n_head=4, vocab_size=500)
