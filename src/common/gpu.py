@@ -153,7 +153,7 @@ class Shape:
         if None in (hidden, heads, layers):
             raise ValueError(f"config of model_type {getattr(config, 'model_type', '?')!r} has no hidden size, "
                              "head count or layer count the planner can read")
-        gpt2 = getattr(config, "model_type", "") == "gpt2"
+        gpt2 = getattr(config, "model_type", "") in ("gpt2", "nanogpt")  # GPT-2's 4d FFN, tied embeddings
         return cls(layers=layers, hidden=hidden, inter=get("intermediate_size", "n_inner", default=4 * hidden),
                    heads=heads, kv_heads=get("num_key_value_heads", default=heads),
                    head_dim=get("head_dim", default=hidden // heads), vocab=config.vocab_size, gated=not gpt2,
@@ -166,6 +166,11 @@ class Shape:
         attn = [(q + 2 * kv, d)] if not self.gated else [(q, d), (kv, d), (kv, d)]
         ffn = [(self.inter, d), (self.inter, d), (d, self.inter)] if self.gated else [(self.inter, d), (d, self.inter)]
         return [*attn, (d, q), *ffn]
+
+    @property
+    def largest(self) -> int:
+        """Elements of the largest projection (m x n): what one module's float64 temporaries scale with."""
+        return max(m * n for m, n in self.projections)
 
     @property
     def params(self) -> int:
@@ -350,11 +355,10 @@ def plan_finetune(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Ste
     for key, arms, _ in cfg.runs:
         s = shapes[key]
         dora = any(a.startswith("dora") for a in arms)
-        big = max(m * n for m, n in s.projections)
         steps.append(_step(
             "fine-tune", key, weights=weights(s, dtype), adapters=16 * adapter_params(s, st.rank),
             activations=training_activations(s, st.batch_size, st.max_len, st.gradient_checkpointing),
-            logits=logits(s, st.batch_size * st.max_len, dtype, training=True), dora_norm=2 * 4 * big if dora else 0,
+            logits=logits(s, st.batch_size * st.max_len, dtype, training=True), dora_norm=2 * 4 * s.largest if dora else 0,
             disk=len(arms) * 4 * adapter_params(s, st.rank) * 3))  # adapter + AdamW state in the checkpoint
     return steps
 
@@ -366,8 +370,7 @@ def plan_inheritune(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[S
     steps = [_step("attention", key, **_forward(shapes[key], STATISTICS_DTYPE, cfg.batch_size, cfg.window_len,
                                                  head=False, eager=True)) for key in cfg.models]
     ref, tr = cfg.reference, cfg.train
-    gpt = Shape(ref.n_layer, ref.n_embd, 4 * ref.n_embd, ref.n_head, ref.n_head, ref.n_embd // ref.n_head,
-                ref.vocab_size, gated=False, tied=True)
+    gpt = Shape.from_config(ref)
     steps.append(_step("train reference", "gpt", state=16 * gpt.params,
                        activations=training_activations(gpt, tr.batch_size, ref.block_size, checkpointing=False),
                        logits=logits(gpt, tr.batch_size * ref.block_size, torch.bfloat16, training=True),
@@ -391,7 +394,6 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
         protected = max(1, round(s.layers / 8))
         layers = s.layers - protected
         decomps = decomposition_bytes(s, layers, vector)
-        big = max(m * n for m, n in s.projections)
         host = {"decompositions": decomps, "eval_inputs": cfg.eval_windows * cfg.eval_len * hidden * layers}
         if cfg.tasks:
             host["task_inputs"] = padded_tokens(cfg.tasks, cfg.n_items) * hidden
@@ -406,7 +408,7 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
         held += host["decompositions"] + host["eval_inputs"]  # kept in the notebook's ``run``; the rest is freed
         steps.append(_step("decompose + evaluate", key, host=now, disk=decomps,
                            weights=weights(s, dtype), other_models=others, factorised=weights(s, dtype),
-                           decompose=4 * 8 * big,
+                           decompose=4 * 8 * s.largest,
                            activations=inference_activations(s, cfg.batch_size, cfg.eval_len, dtype),
                            logits=logits(s, cfg.batch_size * cfg.eval_len, dtype)))
     return steps
@@ -426,7 +428,7 @@ def plan_synthesis(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[St
         s = shapes[key]
         steps.append(_step("mean term + protected layer", key, host=parked,
                            **_forward(s, STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True),
-                           factorised=weights(s, STATISTICS_DTYPE), decompose=4 * 8 * max(m * n for m, n in s.projections)))
+                           factorised=weights(s, STATISTICS_DTYPE), decompose=4 * 8 * s.largest))
         steps.append(_step("MacDrop under compression", key, host=parked,
                            **_forward(s, STATISTICS_DTYPE, cfg.batch_size, cfg.window_len, head=True),
                            merged_finetune=weights(s, dtype)))

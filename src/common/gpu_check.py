@@ -106,9 +106,8 @@ def step_lowrank(sz: Sizes, cache: Path) -> dict:
         inputs.perplexity(layers[0])
     state = lowrank.perplexity_search(model, again, inputs, protected=layers[0], scan="bisect")
     shape = gpu.Shape.from_config(model.config)
-    big = max(m * n for m, n in shape.projections)
     dtype = next(model.parameters()).dtype
-    planned = (gpu.weights(shape, dtype) * (1 + sz.layers / shape.layers) + 3 * 8 * big
+    planned = (gpu.weights(shape, dtype) * (1 + sz.layers / shape.layers) + 3 * 8 * shape.largest
                + gpu.inference_activations(shape, 8, sz.search[1], dtype) + gpu.logits(shape, 8 * sz.search[1], dtype))
     return {"planned": planned, "disk_gib": lowrank.stored_bytes(decomps) / gpu.GiB, "ppl": ppl,
             "modules_searched": len(state.steps), "notebook": "05_lowrank_decomposition"}
@@ -138,7 +137,7 @@ def step_finetune(sz: Sizes, cache: Path) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     planned = (gpu.weights(shape, dtype) + 16 * gpu.adapter_params(shape, settings.rank)
                + gpu.training_activations(shape, batch, length, True) + gpu.logits(shape, batch * length, dtype, True)
-               + 8 * max(m * n for m, n in shape.projections))
+               + 8 * shape.largest)
     return {"planned": planned, "steps": result.steps, "macdrop_steps": len(result.macdrop), "loss": loss,
             "tokens_per_s": tokens / seconds, "mfu": _mfu(6 * shape.params * tokens / seconds),
             "notebook": "03_macdrop_finetuning"}
@@ -198,8 +197,7 @@ def step_inheritune(sz: Sizes, cache: Path) -> dict:
     stream = torch.randint(0, 50257, (ref.block_size * (batch + 8),), generator=torch.Generator().manual_seed(4))
     model, init = inheritune.random_init(ref, seed=0)
     run = inheritune.train("gpu-check", model, init, stream, inheritune.val_windows(stream, 2, ref.block_size), s)
-    shape = gpu.Shape(ref.n_layer, ref.n_embd, 4 * ref.n_embd, ref.n_head, ref.n_head, ref.n_embd // ref.n_head,
-                      ref.vocab_size, gated=False, tied=True)
+    shape = gpu.Shape.from_config(ref)
     planned = (16 * shape.params + gpu.training_activations(shape, batch, ref.block_size, checkpointing=False)
                + gpu.logits(shape, batch * ref.block_size, torch.bfloat16, training=True))
     flops = 6 * shape.params + 12 * ref.n_layer * ref.n_embd * ref.block_size  # per token, with attention

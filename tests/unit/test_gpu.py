@@ -178,3 +178,12 @@ def test_paper_config_dtype_from_auto_config() -> None:
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=3, n_head=4, vocab_size=500)
     shape = gpu.Shape.from_config(config)
     assert (shape.hidden, shape.layers, shape.inter, shape.gated, shape.tied) == (64, 3, 256, False, True)
+
+
+def test_shape_of_the_inheritune_gpt() -> None:
+    """Inheritune's nanoGPT config reads as GPT-2's layout: 4d FFN, no gate, tied embeddings."""
+    from common.gpt import GPTConfig
+
+    shape = gpu.Shape.from_config(GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304))
+    assert shape == gpu.Shape(24, 1024, 4096, 16, 16, 64, 50304, gated=False, tied=True)
+    assert shape.largest == 4096 * 1024
