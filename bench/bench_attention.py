@@ -18,7 +18,8 @@ import torch
 from common_bench import interleaved, save
 from reference import demo_energy_rank
 
-from common import arch, attention, config, data, inheritune, models
+from common.core import arch, data, models, profiles
+from common.inheritune import attention, training
 
 KEY = "smollm2-135m"
 
@@ -50,14 +51,14 @@ def main() -> None:
 
     t_pass = interleaved({"analysis": lambda: attention.capture_attention(model, batches),
                           "two_forwards": two_forwards}, repeats=3)
-    cfg = config.load_config("04_attention_degeneration_inheritune", "small")
-    gpt, _ = inheritune.random_init(cfg.reference, 0)
-    opt = inheritune.make_optimizer(gpt, cfg.train)
+    cfg = profiles.load_config("04_attention_degeneration_inheritune", "small")
+    gpt, _ = training.random_init(cfg.reference, 0)
+    opt = training.make_optimizer(gpt, cfg.train)
     stream = data.token_stream("wiki", "train", "byte")
     steps = 20
     t = time.perf_counter()
     for step in range(steps):
-        x, y = inheritune.train_batch(stream, step, 0, cfg.train.batch_size, cfg.reference.block_size)
+        x, y = training.train_batch(stream, step, 0, cfg.train.batch_size, cfg.reference.block_size)
         gpt(x, labels=y).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

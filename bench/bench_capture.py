@@ -12,7 +12,7 @@ import torch
 from common_bench import interleaved, peak_memory_mb, save
 from reference import stored_massive_stats
 
-from common import arch, capture, data, models
+from common.core import arch, capture, data, models
 
 KEY = "smollm2-135m"
 POINTS = ("hidden", "inter")

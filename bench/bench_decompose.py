@@ -5,9 +5,9 @@ calibration set (64 x 128 train-split wiki tokens), every rank of each module's 
 1, 0.1 kappa, ..., kappa; 11 ranks). Each side starts from the same captured calibration tensors of the
 module (one forward, outside the timing) and ends with the factors (W1, W2, b) at every grid rank:
 
-- ours: the moments (``lowrank.Moments``, inputs for gate/up, outputs otherwise), one decomposition per
-  module (``lowrank._decompose``, what ``decompose_model`` runs: two eigendecompositions, counted with
-  ``lowrank.EIGH_CALLS``, plus the weight SVD), then ``Decomposition.factors`` at each rank;
+- ours: the moments (``decomposition.Moments``, inputs for gate/up, outputs otherwise), one decomposition per
+  module (``decomposition._decompose``, what ``decompose_model`` runs: two eigendecompositions, counted with
+  ``decomposition.EIGH_CALLS``, plus the weight SVD), then ``Decomposition.factors`` at each rank;
 - SFSD-LLM once (``reference.sfsd_decompose`` + ``sfsd_cut``): what the released code does, one float32
   ``torch.cov`` + full m x m ``eigh`` of the outputs per module, then a cut of V per rank;
 - recomputed per rank (``reference.sfsd_factors_recomputed``): covariance + eigh for every rank.
@@ -24,7 +24,8 @@ import torch
 from common_bench import interleaved, save
 from reference import sfsd_cut, sfsd_decompose, sfsd_factors_recomputed
 
-from common import arch, config, data, lowrank, models
+from common.core import arch, data, models, profiles
+from common.sfsd import budgets, decomposition
 
 KEY = "smollm2-135m"
 METHOD = "feature_nomean"  # what the released code computes (research sfsd.md §1.3 step 5)
@@ -49,19 +50,19 @@ def capture(model, cal, batch_size, paths):
 
 
 def main() -> None:
-    cfg = config.load_config("05_lowrank_decomposition", "small")
+    cfg = profiles.load_config("05_lowrank_decomposition", "small")
     model, tok = models.load_model(KEY)
     last = len(arch.layers(model)) - 1
-    tgts = lowrank.targets(model, [last])
+    tgts = budgets.targets(model, [last])
     modules = {t.path: model.get_submodule(t.path) for t in tgts}
     cal = data.token_windows(tok, KEY, cfg.corpus, cfg.calib_windows, cfg.calib_len, split="train")
     xs, ys = capture(model, cal, cfg.batch_size, list(modules))
     y_all = {p: torch.cat(v).reshape(-1, v[0].shape[-1]) for p, v in ys.items()}
-    weights = {p: lowrank.weight_of(m).detach() for p, m in modules.items()}
-    grids = {p: lowrank.rank_grid(lowrank.kappa(*w.shape)) for p, w in weights.items()}
+    weights = {p: budgets.weight_of(m).detach() for p, m in modules.items()}
+    grids = {p: budgets.rank_grid(budgets.kappa(*w.shape)) for p, w in weights.items()}
 
     def ours():
-        shared: dict[int, lowrank.Moments] = {}
+        shared: dict[int, decomposition.Moments] = {}
         out = {}
         for t in tgts:
             module, (m, n) = modules[t.path], weights[t.path].shape
@@ -69,11 +70,11 @@ def main() -> None:
             batches = ys[t.path] if side == "output" else xs[t.path]
             key = id(batches[0]) if side == "input" else id(t)
             if side == "output" or key not in shared:  # gate and up read one input: one moment
-                mom = lowrank.Moments(batches[0].shape[-1])
+                mom = decomposition.Moments(batches[0].shape[-1])
                 for b in batches:
                     mom.add(b)
                 shared[key] = mom
-            d = lowrank._decompose(t, module, shared[key], side, None)
+            d = decomposition._decompose(t, module, shared[key], side, None)
             out[t.path] = {r: d.factors(module, METHOD, r) for r in grids[t.path]}
         return out
 
@@ -87,9 +88,9 @@ def main() -> None:
     def recomputed():
         return {p: sfsd_factors_recomputed(y_all[p], w, grids[p]) for p, w in weights.items()}
 
-    calls = len(lowrank.EIGH_CALLS)
+    calls = len(decomposition.EIGH_CALLS)
     a, b, c = ours(), sfsd_once(), recomputed()
-    assert len(lowrank.EIGH_CALLS) - calls == 2 * len(tgts), "ours must run 2 eigendecompositions per module"
+    assert len(decomposition.EIGH_CALLS) - calls == 2 * len(tgts), "ours must run 2 eigendecompositions per module"
     worst = {"product": 0.0, "bias": 0.0, "variance": 0.0}
     for p, w in weights.items():
         w = w.double()

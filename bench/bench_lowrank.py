@@ -6,36 +6,37 @@
    and loss are ~36-40% of a forward here, which caps the gain;
 2. a forward pass of the model decomposed at 50% of kappa in every unprotected layer (real factorised
    pairs) vs the dense model, same 8 x 256 windows (target: ratio dense / decomposed > 1).
-Both decompositions come from one eigendecomposition per module (``lowrank.EIGH_CALLS`` is checked).
+Both decompositions come from one eigendecomposition per module (``decomposition.EIGH_CALLS`` is checked).
 """
 
 import torch
 from common_bench import interleaved, save
 
-from common import arch, config, data, lowrank, lowrank_eval, models
+from common.core import arch, data, layer_inputs, models, profiles
+from common.sfsd import budgets, decomposition, experiments, lowrank
 
 KEY = "smollm2-135m"
 
 
 def main() -> None:
-    cfg = config.load_config("05_lowrank_decomposition", "small")
+    cfg = profiles.load_config("05_lowrank_decomposition", "small")
     model, tok = models.load_model(KEY)
     n_layers = len(arch.layers(model))
-    protected = lowrank.protected_layers(n_layers)
+    protected = budgets.protected_layers(n_layers)
     layers = list(range(protected, n_layers))
     cal = data.token_windows(tok, KEY, cfg.corpus, cfg.calib_windows, cfg.calib_len, split="train")
-    decomps = lowrank.decompose_model(model, cal, layers, cfg.batch_size,
-                                      cache=lowrank_eval.decomposition_dir(KEY, model, cal, layers))
-    test, search = lowrank_eval.heldout_windows(tok, KEY, cfg.corpus, cfg.eval_windows, cfg.eval_len,
+    decomps = decomposition.decompose_model(model, cal, layers, cfg.batch_size,
+                                      cache=experiments.decomposition_dir(KEY, model, cal, layers))
+    test, search = experiments.heldout_windows(tok, KEY, cfg.corpus, cfg.eval_windows, cfg.eval_len,
                                                 cfg.search_windows, cfg.search_len)
-    inputs = lowrank.LayerInputs(model, search, batch_size=cfg.batch_size)
-    calls = len(lowrank.EIGH_CALLS)
+    inputs = layer_inputs.LayerInputs(model, search, batch_size=cfg.batch_size)
+    calls = len(decomposition.EIGH_CALLS)
     tail = n_layers - 4  # the last 4 layers: the searched modules
     chosen = {}
 
     def search(cached: bool):
         def run():
-            state = lowrank.perplexity_search(model, decomps, inputs, "feature", cfg.tolerance, tail, cfg.scan,
+            state = search.perplexity_search(model, decomps, inputs, "feature", cfg.tolerance, tail, cfg.scan,
                                               cached_prefix=cached)
             chosen[cached] = [s["rank"] for s in state.steps]
         return run
@@ -67,7 +68,7 @@ def main() -> None:
     with lowrank.decomposed(model, decomps, "feature", ranks):
         share = lowrank.model_share(model, decomps, ranks)
     t_forward = interleaved({"dense": forward, "decomposed_50": decomposed_forward}, repeats=3)
-    assert len(lowrank.EIGH_CALLS) == calls, "a search recomputed an eigendecomposition"
+    assert len(decomposition.EIGH_CALLS) == calls, "a search recomputed an eigendecomposition"
     ratios = {"full_forward_over_cached_prefix_search": t_search["full_forward"] / t_search["cached_prefix"],
               "dense_over_decomposed50_forward": t_forward["dense"] / t_forward["decomposed_50"]}
     for name, r in ratios.items():

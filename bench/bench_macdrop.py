@@ -5,16 +5,17 @@ sides interleaved in one process."""
 
 from common_bench import interleaved, save
 
-from common import config, data, finetune, massive, models
-from common.macdrop import MacDrop
+from common.core import data, models, profiles
+from common.hoc import detection, finetune
+from common.hoc.macdrop import MacDrop
 
 KEY = "smollm2-135m"
 
 
 def main() -> None:
     model, tok = models.load_model(KEY)
-    layer, channels = massive.massive_weights(model, [models.encode(tok, KEY, p) for p in config.DETECTION_PROMPTS])
-    model = finetune.peft_model(model, finetune.ARMS["lora"], config.TrainSettings()).train()
+    layer, channels = detection.massive_weights(model, [models.encode(tok, KEY, p) for p in profiles.DETECTION_PROMPTS])
+    model = finetune.peft_model(model, finetune.ARMS["lora"], profiles.TrainSettings()).train()
     pairs = data.instruction_pairs("wiki", "train", 8, seed=0)
     batch = data.collate(data.tokenize_pairs(tok, KEY, pairs, 96), data.pad_id(tok))
     md = MacDrop(model, layer, channels)

@@ -7,7 +7,7 @@ import time
 
 from common_bench import save
 
-from common import models
+from common.core import models
 
 KEY = "smollm2-135m"
 

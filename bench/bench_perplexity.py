@@ -14,7 +14,7 @@ import torch
 from common_bench import interleaved, save
 from reference import lm_eval_perplexity
 
-from common import data, evaluation, models
+from common.core import data, evaluation, models
 
 KEY = "smollm2-135m"
 L, N, BATCH = 256, 8, 4

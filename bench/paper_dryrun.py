@@ -2,7 +2,7 @@
 ``paper`` path with ``REPRO_WEIGHTS=random`` (bf16, full-size configs, the small data), then this script
 
 1. times one perplexity pass of every paper model with a shipped config (random bf16 weights, ``N_WINDOWS``
-   windows of its context up to 4096 tokens, batch 1): tokens/s, peak GPU memory, MFU (common.profiling);
+   windows of its context up to 4096 tokens, batch 1): tokens/s, peak GPU memory, MFU (common.core.profiling);
 2. reads each notebook's dry-run manifest (``build/figures/paper-dryrun/*/manifest.json``): wall time, peak
    host memory, peak GPU memory;
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from common import REPO_ROOT, config, data, models, profiling
+from common import REPO_ROOT
+from common.core import data, env, models, profiling
 
 N_WINDOWS = 4
 MAX_LEN = 4096
@@ -60,7 +61,7 @@ def _fmt(value, spec: str) -> str:
 
 def write(models_: list[dict], notebooks: list[dict], out: Path = DOCS) -> Path:
     """``PAPER_DRYRUN.md`` (two tables) and ``paper_dryrun.json`` under ``out``."""
-    shrink = config.random_weights()
+    shrink = env.random_weights()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = ["# Paper-shape dry run", "",
              f"Random weights, the paper models' shipped configs{f' shrunk {shrink}x' if shrink and shrink > 1 else ''}, "
@@ -91,7 +92,7 @@ def write(models_: list[dict], notebooks: list[dict], out: Path = DOCS) -> Path:
 
 
 def main() -> None:
-    if config.random_weights() is None:
+    if env.random_weights() is None:
         raise SystemExit("set REPRO_WEIGHTS=random (make dry-run does): this table is of the random-weight dry run")
     keys = [k for k, s in models.REGISTRY.items() if s.config_file]
     # CPU (the shrunk test path): shorter windows, the 128K-entry vocabulary's logits would take GBs

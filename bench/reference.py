@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-from common import arch
-from common.capture import Stats
+from common.core import arch
+from common.core.capture import Stats
 
 # --------------------------------------------------------------------------- massive activations
 

@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from common import REPO_ROOT, report
-from common.claims import (
+from common import REPO_ROOT
+from common.core.manifest import load
+from common.reporting import report
+from common.reporting.claims import (
     MISSING,
     NOT_RUN,
     _is_number,
@@ -18,7 +20,6 @@ from common.claims import (
     numeric_paper_value,
     within,
 )
-from common.manifest import load
 
 CLAIMS = load_claims()
 IDS = [c.id for c in CLAIMS]

@@ -26,3 +26,26 @@ def test_notebook_is_stripped_and_follows_the_contract(path):
     assert 'PROFILE = "small"' in "".join(params["source"])
     assert nb["cells"][0]["cell_type"] == "markdown"
     assert any(f'setup("{path.stem}"' in "".join(c["source"]) for c in code)
+
+
+MAX_CELL_LINES = 15
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_only_narrate(path):
+    """Cells orchestrate and narrate; a code cell over 15 lines is a library function waiting to be written."""
+    nb = json.loads(path.read_text())
+    long = [(i, len("".join(c["source"]).splitlines())) for i, c in enumerate(nb["cells"])
+            if c["cell_type"] == "code" and len("".join(c["source"]).splitlines()) > MAX_CELL_LINES]
+    assert not long, f"{path.stem}: code cells over {MAX_CELL_LINES} lines (cell index, lines): {long}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_findings_are_rendered_from_the_manifest(path):
+    """The "What we find" prose is a template of manifest keys (notebooks/findings/), shown by a code cell, never
+    measured numbers typed into a markdown cell."""
+    nb = json.loads(path.read_text())
+    sources = ["".join(c["source"]) for c in nb["cells"]]
+    header = next(i for i, s in enumerate(sources) if s.startswith("## What we find"))
+    assert nb["cells"][header + 1]["cell_type"] == "code" and "findings.show()" in sources[header + 1]
+    assert (REPO_ROOT / "notebooks" / "findings" / f"{path.stem}.md").exists()

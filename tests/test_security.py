@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from common import REPO_ROOT, models
+from common import REPO_ROOT
+from common.core import models
 
 CODE = sorted([*(REPO_ROOT / "src").rglob("*.py"), *(REPO_ROOT / "bench").glob("*.py")])
 
@@ -61,7 +62,7 @@ def test_model_weights_are_read_from_safetensors_only() -> None:
             gguf = _keyword(call, "gguf_file") is not None
             flag = _keyword(call, "use_safetensors")
             assert gguf or (isinstance(flag, ast.Constant) and flag.value is True), f"{where}:{call.lineno}"
-    finetune = (REPO_ROOT / "src" / "common" / "finetune.py").read_text()
+    finetune = (REPO_ROOT / "src" / "common" / "hoc" / "finetune.py").read_text()
     assert '"adapter_model.safetensors").exists()' in finetune
 
 
@@ -76,7 +77,7 @@ def test_every_shipped_weight_file_is_pinned() -> None:
 
 def test_adapter_without_safetensors_is_refused(tmp_path) -> None:
     """A cached fine-tune whose adapter is a pickle (or missing) is never loaded: the error names the fix."""
-    from common import finetune
+    from common.hoc import finetune
 
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(FileNotFoundError, match="pickled adapters are never loaded"):

@@ -9,7 +9,9 @@ import copy
 import pytest
 import torch
 
-from common import attention, evaluation, gpu, lowrank, models
+from common.core import evaluation, gpu, layer_inputs, models
+from common.inheritune import attention
+from common.sfsd import decomposition, lowrank
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -31,17 +33,17 @@ def test_decompositions_on_cuda_match_the_host_and_reload(tmp_path) -> None:
     host = host.cpu()
     dev = copy.deepcopy(host).to(CUDA)
     cal, test = _ids(8, 32), _ids(4, 32, seed=1)
-    want = lowrank.decompose_model(host, cal, [1, 2], batch_size=4)
-    got = lowrank.decompose_model(dev, cal, [1, 2], batch_size=4, cache=tmp_path / "d")
-    again = lowrank.decompose_model(dev, cal, [1, 2], batch_size=4, cache=tmp_path / "d")
-    assert lowrank.decomposition_digest(got) == lowrank.decomposition_digest(again)
+    want = decomposition.decompose_model(host, cal, [1, 2], batch_size=4)
+    got = decomposition.decompose_model(dev, cal, [1, 2], batch_size=4, cache=tmp_path / "d")
+    again = decomposition.decompose_model(dev, cal, [1, 2], batch_size=4, cache=tmp_path / "d")
+    assert decomposition.decomposition_digest(got) == decomposition.decomposition_digest(again)
     for p, d in want.items():
         torch.testing.assert_close(got[p].spectra["centred"][0], d.spectra["centred"][0], rtol=1e-3, atol=1e-4)
         assert got[p].mean.device.type == "cpu"
     def ppl(model, decomps):
-        inputs = lowrank.LayerInputs(model, test, batch_size=2)
+        inputs = layer_inputs.LayerInputs(model, test, batch_size=2)
         out = {}
-        for method in lowrank.METHODS:
+        for method in decomposition.METHODS:
             with lowrank.decomposed(model, decomps, method, lowrank.uniform_ranks(decomps, 50, [1, 2])):
                 out[method] = inputs.perplexity(1)
         return out

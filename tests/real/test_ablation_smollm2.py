@@ -6,7 +6,8 @@ keep-only: 1.10x; random: < 0.2%; joint top-2 of layers 1/2/11: 13.6x), not from
 
 import pytest
 
-from common import ablation, config, data, evaluation, massive, models
+from common.core import data, evaluation, models, profiles
+from common.hoc import ablation, detection, edits
 
 pytestmark = pytest.mark.real
 KEY = "smollm2-135m"
@@ -16,8 +17,8 @@ KEY = "smollm2-135m"
 def setup_model():
     model, tok = models.load_model(KEY)
     windows = data.token_windows(tok, KEY, "wiki", n_windows=8, window_len=256)
-    m = massive.measure(model, tok, KEY, config.DETECTION_PROMPTS, windows, k=5)
-    ranked = massive.top_channels(m.prompts.pos0["inter"], m.report.layer, 5)[0]
+    m = detection.measure(model, tok, KEY, profiles.DETECTION_PROMPTS, windows, k=5)
+    ranked = detection.top_channels(m.prompts.pos0["inter"], m.report.layer, 5)[0]
     return model, windows, m, ranked, evaluation.perplexity(model, windows)
 
 
@@ -29,10 +30,10 @@ def _ratio(model, windows, base, ctx) -> float:
 def test_zero_top5_breaks_keep_only_and_random_do_not(setup_model):
     model, windows, m, ranked, base = setup_model
     layer = m.report.layer
-    assert _ratio(model, windows, base, massive.zero_massive(model, layer, ranked, 5)) >= 2
-    assert _ratio(model, windows, base, massive.keep_only_massive(model, layer, ranked, 5)) < 1.25
+    assert _ratio(model, windows, base, edits.zero_massive(model, layer, ranked, 5)) >= 2
+    assert _ratio(model, windows, base, edits.keep_only_massive(model, layer, ranked, 5)) < 1.25
     for seed in (0, 1, 2):
-        assert _ratio(model, windows, base, massive.zero_random(model, layer, 5, seed, ranked)) < 1.02
+        assert _ratio(model, windows, base, edits.zero_random(model, layer, 5, seed, ranked)) < 1.02
 
 
 def test_joint_top2_of_the_writer_layers_breaks_harder(setup_model):

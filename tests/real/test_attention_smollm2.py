@@ -8,7 +8,8 @@ third of the 30 layers to about 0.70 in the last third, and the sink column is p
 import pytest
 import torch
 
-from common import attention, data, models
+from common.core import data, models
+from common.inheritune import attention
 
 pytestmark = pytest.mark.real
 KEY = "smollm2-135m"

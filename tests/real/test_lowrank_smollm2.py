@@ -6,7 +6,8 @@ and the cached-input evaluation must equal the plain forward."""
 
 import pytest
 
-from common import data, evaluation, lowrank, models
+from common.core import data, evaluation, layer_inputs, models
+from common.sfsd import decomposition, lowrank
 
 pytestmark = pytest.mark.real
 KEY = "smollm2-135m"
@@ -18,8 +19,8 @@ def setup():
     model, tok = models.load_model(KEY)
     cal = data.token_windows(tok, KEY, "wiki", 16, 128, split="train")
     windows = data.token_windows(tok, KEY, "wiki", 4, 128)
-    decomps = lowrank.decompose_model(model, cal, LAYERS, batch_size=8)
-    return model, decomps, lowrank.LayerInputs(model, windows, batch_size=4), windows
+    decomps = decomposition.decompose_model(model, cal, LAYERS, batch_size=8)
+    return model, decomps, layer_inputs.LayerInputs(model, windows, batch_size=4), windows
 
 
 def test_cached_inputs_equal_the_forward(setup):

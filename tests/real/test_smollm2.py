@@ -9,17 +9,18 @@ import math
 
 import pytest
 
-from common import config, data, evaluation, massive, models
+from common.core import data, evaluation, models, profiles
+from common.hoc import detection
 
 pytestmark = pytest.mark.real
 KEY = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def measurement() -> massive.Measurement:
+def measurement() -> detection.Measurement:
     model, tok = models.load_model(KEY)
     windows = data.token_windows(tok, KEY, "wiki", n_windows=4, window_len=128)
-    return massive.measure(model, tok, KEY, config.DETECTION_PROMPTS, windows)
+    return detection.measure(model, tok, KEY, profiles.DETECTION_PROMPTS, windows)
 
 
 def test_detection_finds_the_known_layer_dim_and_channels(measurement):
@@ -32,7 +33,7 @@ def test_detection_finds_the_known_layer_dim_and_channels(measurement):
 
 
 def test_the_ffn_writes_the_massive_dim(measurement):
-    split = massive.origin_split(measurement.prompts, 11, [507])
+    split = detection.origin_split(measurement.prompts, 11, [507])
     assert abs(split["ffn"]) > 100 * abs(split["attn"])
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from common import data, evaluation, models, tasks
+from common.core import data, evaluation, models, tasks
 
 pytestmark = pytest.mark.real
 KEY = "smollm2-135m"

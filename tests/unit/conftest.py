@@ -11,7 +11,7 @@ import pytest
 from tiny_families import build_tiny, single_thread
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from common import manifest, models
+from common.core import manifest, models
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Notebook 03's fine-tune under ``accelerate launch`` (issue 9 §1): ``python -m common.finetune`` on 2 CPU
+"""Notebook 03's fine-tune under ``accelerate launch`` (issue 9 §1): ``python -m common.hoc.finetune`` on 2 CPU
 processes (gloo DDP) writes exactly the adapter a one-process run with the same effective batch writes, under
 the cache key the notebook looks up, with MacDrop's masks dealt over the processes by micro-batch index.
 
@@ -20,9 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import REPO_ROOT, finetune
-from common.config import cache_dir, load_config
-from common.macdrop import Schedule, merge_histories, micro_index
+from common import REPO_ROOT
+from common.core.env import cache_dir
+from common.core.profiles import load_config
+from common.hoc import finetune
+from common.hoc.macdrop import Schedule, merge_histories, micro_index
 
 KEY, ARM, SEED = "tiny-llama", "lora_macdrop", 1  # one of the smoke profile's notebook-03 runs
 WORLD = 2
@@ -42,13 +44,13 @@ def _launch(cache, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "common.finetune", "--profile", "smoke", "--model", KEY, "--arm", ARM, "--seed", str(SEED)]
+           "-m", "common.hoc.finetune", "--profile", "smoke", "--model", KEY, "--arm", ARM, "--seed", str(SEED)]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_two_process_launch_is_the_one_process_run(tmp_path, monkeypatch) -> None:
-    """``accelerate launch --num_processes 2 -m common.finetune --profile smoke --model tiny-llama --arm
+    """``accelerate launch --num_processes 2 -m common.hoc.finetune --profile smoke --model tiny-llama --arm
     lora_macdrop --seed 1`` (16 examples, batch 4, the profile's grad_accum 2 split into 1 per process, 2
     epochs):
 

@@ -21,28 +21,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import (
-    ablation,
-    arch,
-    attention,
-    capture,
-    claims,
-    config,
-    data,
-    evaluation,
-    finetune,
-    gpt,
-    inheritune,
-    lowrank,
-    lowrank_eval,
-    macdrop,
-    manifest,
-    massive,
-    models,
-    synthesis,
-    tasks,
-)
-from common.config import PretrainSettings
+from common.core import arch, capture, data, evaluation, layer_inputs, manifest, models, profiles, tasks
+from common.core.profiles import PretrainSettings
+from common.hoc import ablation, detection, edits, finetune, macdrop
+from common.inheritune import attention, gpt, training
+from common.reporting import claims
+from common.sfsd import budgets, decomposition, lowrank, search
+from common.sfsd import experiments as sfsd_experiments
+from common.synthesis import experiments as synthesis_experiments
+from common.synthesis import protected
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,16 +80,16 @@ def env() -> SimpleNamespace:
     gpt2 = models.load_model("tiny-gpt2")[0]
     ids = _long(2, 8)
     stats = capture.capture(llama, [ids], points=("hidden", "inter"))
-    profile = synthesis.sink_profile(llama, ids)
-    decomps = lowrank.decompose_model(llama, ids, [0])
+    profile = synthesis_experiments.sink_profile(llama, ids)
+    decomps = decomposition.decompose_model(llama, ids, [0])
     d = next(iter(decomps.values()))
-    run = inheritune.Run("a", 1, 1, [], [1.0, 2.0, 3.0], 0.0, 0.0, 0, {})
+    run = training.Run("a", 1, 1, [], [1.0, 2.0, 3.0], 0.0, 0.0, 0, {})
     return SimpleNamespace(
         llama=llama, gpt2=gpt2, tok=tok, ids=ids, stats=stats, inter=stats.pos0["inter"], profile=profile,
-        inputs=lowrank.LayerInputs(llama, ids), decomps=decomps, d=d, macdrop=macdrop.MacDrop(llama, 1, [37, 5]),
-        run=run, short_run=inheritune.Run("b", 1, 1, [], [1.0], 0.0, 0.0, 0, {}),
-        state=lowrank.SearchState("perplexity", "feature", {}, {}, [{"path": d.target.path, "layer": 0, "rank": 1}]),
-        gpt=gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=256)),
+        inputs=layer_inputs.LayerInputs(llama, ids), decomps=decomps, d=d, macdrop=macdrop.MacDrop(llama, 1, [37, 5]),
+        run=run, short_run=training.Run("b", 1, 1, [], [1.0], 0.0, 0.0, 0, {}),
+        state=search.SearchState("perplexity", "feature", {}, {}, [{"path": d.target.path, "layer": 0, "rank": 1}]),
+        gpt=gpt.GPT(profiles.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=256)),
         claim=claims.Claim("c", "p", "claim", "ref", "m", 1.0, "m/q", "01_massive_activation_origin", ">=", 1.0,
                            "reproduced", "fig"))
 
@@ -123,10 +110,10 @@ CASES = [
          lambda e: arch.attention(e.llama, -1)),
     case("arch.layer past the end (was IndexError)", ValueError, r"layer 4 is outside.*0 <= layer < 4", lambda e: arch.mlp(e.llama, 4)),
     case("zero_channels layer -1 zeroed the last layer", ValueError, r"layer -1 is outside",
-         lambda e: entered(massive.zero_channels(e.llama, {-1: [0]}))),
-    case("zero_channels layer 9 (was IndexError)", ValueError, r"layer 9 is outside", lambda e: entered(massive.zero_channels(e.llama, {9: [0]}))),
+         lambda e: entered(edits.zero_channels(e.llama, {-1: [0]}))),
+    case("zero_channels layer 9 (was IndexError)", ValueError, r"layer 9 is outside", lambda e: entered(edits.zero_channels(e.llama, {9: [0]}))),
     case("set_hidden layer -1 (silently the last layer)", ValueError, r"layer -1 is outside",
-         lambda e: entered(massive.set_hidden(e.llama, -1, [0], torch.zeros(1)))),
+         lambda e: entered(edits.set_hidden(e.llama, -1, [0], torch.zeros(1)))),
     case("example_maps layer 9 (was IndexError)", ValueError, r"layer 9 is outside", lambda e: attention.example_maps(e.llama, e.ids, [9])),
     case("MacDrop layer 4", ValueError, r"massive layer 4 is outside", lambda e: macdrop.MacDrop(e.llama, 4, [0])),
     # ------------------------------------------------------------------------------------ token ids
@@ -141,59 +128,59 @@ CASES = [
          lambda e: capture.capture(e.llama, [torch.tensor([[5, 1258]])])),
     case("capture negative id (was IndexError in the embedding)", ValueError, r"token id -1, outside", lambda e: capture.capture(e.llama, [torch.tensor([[-1, 5]])])),
     case("capture empty text with a no-BOS model (was a reshape error)", ValueError, r"non-empty \[B, T\]",
-         lambda e: massive.massive_layer(e.llama, e.tok, "smollm2-135m", ("",))),
+         lambda e: detection.massive_layer(e.llama, e.tok, "smollm2-135m", ("",))),
     case("capture no batches (silently empty Stats)", ValueError, r"no batches", lambda e: capture.capture(e.llama, [])),
     case("massive_weights no prompts (was KeyError 'inter')", ValueError, r"no batches",
-         lambda e: massive.massive_weights(e.llama, [], 3)),
+         lambda e: detection.massive_weights(e.llama, [], 3)),
     case("capture whole k=0 (silently empty top-k)", ValueError, r"k=0.*k >= 1", lambda e: capture.capture(e.llama, [e.ids], whole=True, k=0)),
     case("capture_attention float ids (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: attention.capture_attention(e.llama, [e.ids.float()])),
     case("capture_attention ids past the vocabulary (was IndexError)", ValueError, r"vocabulary",
          lambda e: attention.capture_attention(e.gpt2, [e.ids + 300])),
-    case("sink_profile 1-d windows", ValueError, r"\[B, T\]", lambda e: synthesis.sink_profile(e.llama, e.ids[0])),
+    case("sink_profile 1-d windows", ValueError, r"\[B, T\]", lambda e: synthesis_experiments.sink_profile(e.llama, e.ids[0])),
     case("perplexity float windows (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: evaluation.perplexity(e.llama, e.ids.float())),
     case("perplexity no windows (was ZeroDivisionError)", ValueError, r"non-empty",
          lambda e: evaluation.perplexity(e.llama, e.ids[:0])),
     case("perplexity ids past the vocabulary (was IndexError)", ValueError, r"vocabulary", lambda e: evaluation.perplexity(e.gpt2, e.ids + 300)),
     case("perplexity batch_size 0 (was range() error)", ValueError, r"batch_size must be a positive int, got 0",
          lambda e: evaluation.perplexity(e.llama, e.ids, 0)),
-    case("LayerInputs float ids (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: lowrank.LayerInputs(e.llama, e.ids.float())),
-    case("LayerInputs batch_size 0 (was range() error)", ValueError, r"batch_size=0 must be >= 1", lambda e: lowrank.LayerInputs(e.llama, e.ids, batch_size=0)),
-    case("LayerInputs batch_size -1 (was IndexError later)", ValueError, r"batch_size=-1", lambda e: lowrank.LayerInputs(e.llama, e.ids, batch_size=-1)),
-    case("decompose_model float calibration (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: lowrank.decompose_model(e.llama, e.ids.double(), [0])),
+    case("LayerInputs float ids (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: layer_inputs.LayerInputs(e.llama, e.ids.float())),
+    case("LayerInputs batch_size 0 (was range() error)", ValueError, r"batch_size=0 must be >= 1", lambda e: layer_inputs.LayerInputs(e.llama, e.ids, batch_size=0)),
+    case("LayerInputs batch_size -1 (was IndexError later)", ValueError, r"batch_size=-1", lambda e: layer_inputs.LayerInputs(e.llama, e.ids, batch_size=-1)),
+    case("decompose_model float calibration (was RuntimeError in the embedding)", TypeError, r"torch.long", lambda e: decomposition.decompose_model(e.llama, e.ids.double(), [0])),
     # ------------------------------------------------------------------------------------ massive
     case("detect_massive_layer 2-d (silently None)", ValueError, r"\[N, L, D\].*got shape \(4, 192\)",
-         lambda e: massive.detect_massive_layer(e.inter[0])),
+         lambda e: detection.detect_massive_layer(e.inter[0])),
     case("detect_massive_layer int activations (was RuntimeError in mean)", TypeError, r"floating point activations, got torch.int64",
-         lambda e: massive.detect_massive_layer(e.inter.long())),
+         lambda e: detection.detect_massive_layer(e.inter.long())),
     case("detect_massive_layer NaN (silently 'no layer')", ValueError, r"NaN/inf.*float32",
-         lambda e: massive.detect_massive_layer(torch.full_like(e.inter, NAN))),
-    case("layer_profile empty (was IndexError in max)", ValueError, r"non-empty", lambda e: massive.layer_profile(e.inter[:0])),
+         lambda e: detection.detect_massive_layer(torch.full_like(e.inter, NAN))),
+    case("layer_profile empty (was IndexError in max)", ValueError, r"non-empty", lambda e: detection.layer_profile(e.inter[:0])),
     case("top_channels layer -1 (silently the last layer)", ValueError, r"layer -1 is outside the 4 captured layers",
-         lambda e: massive.top_channels(e.inter, -1, 3)),
-    case("top_channels layer 10 (was IndexError)", ValueError, r"layer 10 is outside", lambda e: massive.top_channels(e.inter, 10, 3)),
+         lambda e: detection.top_channels(e.inter, -1, 3)),
+    case("top_channels layer 10 (was IndexError)", ValueError, r"layer 10 is outside", lambda e: detection.top_channels(e.inter, 10, 3)),
     case("top_channels k too large", ValueError, r"k=193 must be between 1 and the intermediate size 192",
-         lambda e: massive.top_channels(e.inter, 1, 193)),
-    case("top_channels k 0", ValueError, r"k=0", lambda e: massive.top_channels(e.inter, 1, 0)),
+         lambda e: detection.top_channels(e.inter, 1, 193)),
+    case("top_channels k 0", ValueError, r"k=0", lambda e: detection.top_channels(e.inter, 1, 0)),
     case("super_weight negative dim (silently the last)", ValueError, r"entry \(-1, 0\) is outside layer 0's 64 x 192",
-         lambda e: massive.super_weight(e.llama, 0, -1, 0)),
+         lambda e: edits.super_weight(e.llama, 0, -1, 0)),
     case("zero_super_weight channel past the width (was IndexError)", ValueError, r"0 <= channel < 192",
-         lambda e: entered(massive.zero_super_weight(e.llama, 0, 0, 192))),
+         lambda e: entered(edits.zero_super_weight(e.llama, 0, 0, 192))),
     case("set_hidden dim past the hidden size (was IndexError inside the hook)", ValueError, r"hidden dims \[64\] must lie in \[0, 64\)",
-         lambda e: entered(massive.set_hidden(e.llama, 1, [64], torch.zeros(1)))),
+         lambda e: entered(edits.set_hidden(e.llama, 1, [64], torch.zeros(1)))),
     case("set_hidden values for other dims (was a shape error inside the hook)", ValueError, r"3 values for 2 hidden dims",
-         lambda e: entered(massive.set_hidden(e.llama, 1, [0, 1], torch.zeros(3)))),
+         lambda e: entered(edits.set_hidden(e.llama, 1, [0, 1], torch.zeros(3)))),
     case("zero_massive k beyond the ranked channels", ValueError, r"k=3 exceeds the 2 ranked channels",
-         lambda e: massive.zero_massive(e.llama, 1, [37, 5], 3)),
+         lambda e: edits.zero_massive(e.llama, 1, [37, 5], 3)),
     case("keep_only_massive k > layer", ValueError, r"k=300 is out of range.*192",
-         lambda e: massive.keep_only_massive(e.llama, 1, [37], 300)),
-    case("random_channels k > pool", ValueError, r"k=5 is out of range", lambda e: massive.random_channels(6, 5, 0, [0, 1])),
+         lambda e: edits.keep_only_massive(e.llama, 1, [37], 300)),
+    case("random_channels k > pool", ValueError, r"k=5 is out of range", lambda e: edits.random_channels(6, 5, 0, [0, 1])),
     case("zero_channels channel out of range", ValueError, r"channel index out of range for layer 1: must be in \[0, 192\)",
-         lambda e: entered(massive.zero_channels(e.llama, {1: [192]}))),
+         lambda e: entered(edits.zero_channels(e.llama, {1: [192]}))),
     case("set_norm_gain on a family without post-norm", ValueError, r"no post-FFN norm",
-         lambda e: entered(massive.set_norm_gain(e.llama, [0], 0))),
-    case("find_massive windows without medians", ValueError, r"whole=True", lambda e: massive.find_massive(e.stats, e.stats)),
+         lambda e: entered(edits.set_norm_gain(e.llama, [0], 0))),
+    case("find_massive windows without medians", ValueError, r"whole=True", lambda e: detection.find_massive(e.stats, e.stats)),
     case("table1 without a massive layer", ValueError, r"no detectable massive layer",
-         lambda e: ablation.table1(massive.MassiveReport(None, [], [], [], [], 0, [], 0.0, 0.0, 0.0), [], 1, 8, (0,))),
+         lambda e: ablation.table1(detection.MassiveReport(None, [], [], [], [], 0, [], 0.0, 0.0, 0.0), [], 1, 8, (0,))),
     case("unknown attack kind", ValueError, r"unknown attack kind 'melt'; known: base",
          lambda e: ablation.Attack("x", "melt").context(e.llama)),
     case("unknown capture point", ValueError, r"unknown capture point 'logits'; known: hidden",
@@ -213,7 +200,7 @@ CASES = [
     case("sink_vs_massive layer -1 (silently sliced)", ValueError, r"massive layer -1 is outside the 4 layers",
          lambda e: attention.sink_vs_massive(e.profile.attention, -1)),
     case("sink_summary layer 4 (was IndexError)", ValueError, r"massive layer 4 is outside",
-         lambda e: synthesis.sink_summary(e.profile, 4)),
+         lambda e: synthesis_experiments.sink_summary(e.profile, 4)),
     case("per_head unknown metric", ValueError, r"unknown metric 'ranks'; known: rank", lambda e: e.profile.attention.per_head("ranks")),
     case("per_layer unknown aggregate", ValueError, r"heads='min'", lambda e: e.profile.attention.per_layer("rank", "min")),
     case("capture_attention no batches", ValueError, r"no batches", lambda e: attention.capture_attention(e.llama, [])),
@@ -223,30 +210,30 @@ CASES = [
     case("unknown attention implementation", ValueError, r"unknown attention implementation 'flash'; known: sdpa",
          lambda e: e.gpt.set_attn_implementation("flash")),
     # ------------------------------------------------------------------------------------ lowrank
-    case("rank_for kappa 0 (silently rank 1 > kappa)", ValueError, r"kappa=0", lambda e: lowrank.rank_for(0.5, 0)),
+    case("rank_for kappa 0 (silently rank 1 > kappa)", ValueError, r"kappa=0", lambda e: budgets.rank_for(0.5, 0)),
     case("rank_for budget 80 (a pct)", ValueError, r"budget 80 must be a fraction in \(0, 1\].*0.8 for 80%",
-         lambda e: lowrank.rank_for(80, 100)),
-    case("rank_for budget NaN", ValueError, r"budget nan", lambda e: lowrank.rank_for(NAN, 100)),
-    case("kappa of an empty matrix", ValueError, r"must be positive, got 0 x 5", lambda e: lowrank.kappa(0, 5)),
-    case("rank_grid kappa 0", ValueError, r"kappa must be >= 1", lambda e: lowrank.rank_grid(0)),
+         lambda e: budgets.rank_for(80, 100)),
+    case("rank_for budget NaN", ValueError, r"budget nan", lambda e: budgets.rank_for(NAN, 100)),
+    case("kappa of an empty matrix", ValueError, r"must be positive, got 0 x 5", lambda e: budgets.kappa(0, 5)),
+    case("rank_grid kappa 0", ValueError, r"kappa must be >= 1", lambda e: budgets.rank_grid(0)),
     case("targets layer -1 (silently path 'layers.-1')", ValueError, r"layers \[-1\] are outside the model's 4 layers",
-         lambda e: lowrank.targets(e.llama, [-1])),
-    case("targets layer 9 (was IndexError)", ValueError, r"layers \[9\]", lambda e: lowrank.targets(e.llama, [9])),
-    case("decompose_model layer 9 (was RuntimeError after every layer ran)", ValueError, r"layers \[9\] must be non-empty and inside the model.s 4 layers", lambda e: lowrank.decompose_model(e.llama, e.ids, [9])),
+         lambda e: budgets.targets(e.llama, [-1])),
+    case("targets layer 9 (was IndexError)", ValueError, r"layers \[9\]", lambda e: budgets.targets(e.llama, [9])),
+    case("decompose_model layer 9 (was RuntimeError after every layer ran)", ValueError, r"layers \[9\] must be non-empty and inside the model.s 4 layers", lambda e: decomposition.decompose_model(e.llama, e.ids, [9])),
     case("decompose_model keep -1 (silently kept m-1)", ValueError, r"keep=-1: store at least one",
-         lambda e: lowrank.decompose_model(e.llama, e.ids, [0], keep=-1)),
-    case("decompose_model keep 0 (silently no eigenvectors)", ValueError, r"keep=0", lambda e: lowrank.decompose_model(e.llama, e.ids, [0], keep=0)),
+         lambda e: decomposition.decompose_model(e.llama, e.ids, [0], keep=-1)),
+    case("decompose_model keep 0 (silently no eigenvectors)", ValueError, r"keep=0", lambda e: decomposition.decompose_model(e.llama, e.ids, [0], keep=0)),
     case("decompose_model window shorter than 2", ValueError, r"T >= 2.*lower the window length",
-         lambda e: lowrank.decompose_model(e.llama, e.ids[:, :1])),
+         lambda e: decomposition.decompose_model(e.llama, e.ids[:, :1])),
     case("perplexity from layer -1 (silently ran the last layer first)", ValueError, r"start=-1 is outside the model's 4 layers",
          lambda e: e.inputs.perplexity(-1)),
     case("perplexity from layer 4 (was IndexError)", ValueError, r"start=4", lambda e: e.inputs.logprobs(4)),
-    case("LayerInputs keep unknown", ValueError, r"keep must be 'all', 'first'", lambda e: lowrank.LayerInputs(e.llama, e.ids, keep="some")),
-    case("LayerInputs mask shape", ValueError, r"mask shape", lambda e: lowrank.LayerInputs(e.llama, e.ids, e.ids[:1])),
+    case("LayerInputs keep unknown", ValueError, r"keep must be 'all', 'first'", lambda e: layer_inputs.LayerInputs(e.llama, e.ids, keep="some")),
+    case("LayerInputs mask shape", ValueError, r"mask shape", lambda e: layer_inputs.LayerInputs(e.llama, e.ids, e.ids[:1])),
     case("Moments of another width (was a broadcast error)", ValueError, r"width 7 added to moments of width 8",
-         lambda e: lowrank.Moments(8).add(torch.ones(3, 7))),
-    case("Moments mean of nothing (was AttributeError)", ValueError, r"no samples", lambda e: lowrank.Moments(8).mean),
-    case("Moments cov of nothing (silently NaN)", ValueError, r"no samples", lambda e: lowrank.Moments(8).cov),
+         lambda e: decomposition.Moments(8).add(torch.ones(3, 7))),
+    case("Moments mean of nothing (was AttributeError)", ValueError, r"no samples", lambda e: decomposition.Moments(8).mean),
+    case("Moments cov of nothing (silently NaN)", ValueError, r"no samples", lambda e: decomposition.Moments(8).cov),
     case("factors rank above the stored vectors", ValueError, r"rank 999 outside \[1, ", lambda e: e.d.factors(e.llama.get_submodule(e.d.target.path), "feature", 999)),
     case("factors unknown method", ValueError, r"unknown method 'svd'; known: weight_svd", lambda e: e.d.full_rank("svd")),
     case("model_share unknown method (silently a share)", ValueError, r"unknown method 'fetaure'",
@@ -258,35 +245,35 @@ CASES = [
          lambda e: lowrank.uniform_ranks(e.decomps, 80, [3])),
     case("uniform_ranks no layers (silently the dense model)", ValueError, r"non-empty", lambda e: lowrank.uniform_ranks(e.decomps, 80, [])),
     case("uniform_ranks pct 0", ValueError, r"budget 0.0", lambda e: lowrank.uniform_ranks(e.decomps, 0, [0])),
-    case("protected_layers of 0 layers (silently 1)", ValueError, r"n_layers=0", lambda e: lowrank.protected_layers(0)),
-    case("search_order protected -1", ValueError, r"protected must be >= 0", lambda e: lowrank.search_order(e.decomps, -1)),
-    case("energy_at share 2 (silently 1.0)", ValueError, r"share=2.0 must be a fraction", lambda e: lowrank.energy_at(torch.ones(4), 2.0)),
-    case("energy_at share 0 (silently the top value)", ValueError, r"share=0", lambda e: lowrank.energy_at(torch.ones(4), 0)),
+    case("protected_layers of 0 layers (silently 1)", ValueError, r"n_layers=0", lambda e: budgets.protected_layers(0)),
+    case("search_order protected -1", ValueError, r"protected must be >= 0", lambda e: search.search_order(e.decomps, -1)),
+    case("energy_at share 2 (silently 1.0)", ValueError, r"share=2.0 must be a fraction", lambda e: decomposition.energy_at(torch.ones(4), 2.0)),
+    case("energy_at share 0 (silently the top value)", ValueError, r"share=0", lambda e: decomposition.energy_at(torch.ones(4), 0)),
     case("perplexity_search tolerance NaN (silently never compressed)", ValueError, r"tolerance nan must be >= 1",
-         lambda e: lowrank.perplexity_search(e.llama, e.decomps, e.inputs, tolerance=NAN)),
-    case("perplexity_search tolerance below 1", ValueError, r"tolerance 0.99", lambda e: lowrank.perplexity_search(e.llama, e.decomps, e.inputs, tolerance=0.99)),
+         lambda e: search.perplexity_search(e.llama, e.decomps, e.inputs, tolerance=NAN)),
+    case("perplexity_search tolerance below 1", ValueError, r"tolerance 0.99", lambda e: search.perplexity_search(e.llama, e.decomps, e.inputs, tolerance=0.99)),
     case("task_search no chunks (was max() of empty)", ValueError, r"at least one chunk",
-         lambda e: lowrank.task_search(e.llama, e.decomps, [], None)),
-    case("protected_rank k = m", ValueError, r"k=64 protected rows must lie in \[1, 63\]", lambda e: lowrank.protected_rank(64, 64, 64, 8, False)),
-    case("protected_rank no budget left", ValueError, r"leaves no budget", lambda e: lowrank.protected_rank(64, 64, 60, 1, False)),
-    case("multiple_choice no docs", ValueError, r"at least one doc", lambda e: lowrank.multiple_choice(e.llama, e.tok, "tiny-llama", [], "acc")),
+         lambda e: search.task_search(e.llama, e.decomps, [], None)),
+    case("protected_rank k = m", ValueError, r"k=64 protected rows must lie in \[1, 63\]", lambda e: protected.protected_rank(64, 64, 64, 8, False)),
+    case("protected_rank no budget left", ValueError, r"leaves no budget", lambda e: protected.protected_rank(64, 64, 60, 1, False)),
+    case("multiple_choice no docs", ValueError, r"at least one doc", lambda e: evaluation.multiple_choice(e.llama, e.tok, "tiny-llama", [], "acc")),
     case("multiple_choice unknown metric", ValueError, r"'acc' or 'acc_norm', got 'f1'",
-         lambda e: lowrank.multiple_choice(e.llama, e.tok, "tiny-llama", [{"query": "q", "choices": ["a", "b"], "gold": 0}], "f1")),
+         lambda e: evaluation.multiple_choice(e.llama, e.tok, "tiny-llama", [{"query": "q", "choices": ["a", "b"], "gold": 0}], "f1")),
     # ------------------------------------------------------------------------------------ lowrank_eval
     case("paired_noise broadcast (silently 5 copies of one window)", ValueError, r"same windows, got shapes \(5,\) and \(1,\)",
-         lambda e: lowrank_eval.paired_noise(torch.zeros(5), torch.zeros(1), 10)),
+         lambda e: sfsd_experiments.paired_noise(torch.zeros(5), torch.zeros(1), 10)),
     case("paired_noise tokens_per_window 0 (silently -inf)", ValueError, r"tokens_per_window=0",
-         lambda e: lowrank_eval.paired_noise(torch.zeros(5), torch.ones(5), 0)),
+         lambda e: sfsd_experiments.paired_noise(torch.zeros(5), torch.ones(5), 0)),
     case("heldout_windows search_len 1 (was ZeroDivisionError)", ValueError, r"search_len=1 must be >= 2",
-         lambda e: lowrank_eval.heldout_windows(e.tok, "tiny-llama", "synthetic", 2, 16, 2, 1)),
+         lambda e: sfsd_experiments.heldout_windows(e.tok, "tiny-llama", "synthetic", 2, 16, 2, 1)),
     case("task_splits no chunks (silently empty)", ValueError, r"need 0 < 0 x chunk",
-         lambda e: lowrank_eval.task_splits(list(range(100)), n_chunks=0)),
-    case("task_splits search 1", ValueError, r"<= search \(1\) < 1", lambda e: lowrank_eval.task_splits(list(range(100)), search=1)),
-    case("task_splits too few docs", ValueError, r"give empty chunks.*use more docs", lambda e: lowrank_eval.task_splits(list(range(5)))),
+         lambda e: sfsd_experiments.task_splits(list(range(100)), n_chunks=0)),
+    case("task_splits search 1", ValueError, r"<= search \(1\) < 1", lambda e: sfsd_experiments.task_splits(list(range(100)), search=1)),
+    case("task_splits too few docs", ValueError, r"give empty chunks.*use more docs", lambda e: sfsd_experiments.task_splits(list(range(5)))),
     case("trajectory m=0 (was min() of empty)", ValueError, r"decision counts \[0\] must lie in \[1, 1\]",
-         lambda e: lowrank_eval.trajectory(e.llama, e.decomps, e.state, [0], lambda start: 0.0)),
-    case("trajectory m past the search (silently truncated)", ValueError, r"\[2\]", lambda e: lowrank_eval.trajectory(e.llama, e.decomps, e.state, [2], lambda start: 0.0)),
-    case("suite unknown task", ValueError, r"unknown task 'nope'", lambda e: lowrank_eval.suite(e.llama, e.tok, "tiny-llama", ("nope",), 4)),
+         lambda e: sfsd_experiments.trajectory(e.llama, e.decomps, e.state, [0], lambda start: 0.0)),
+    case("trajectory m past the search (silently truncated)", ValueError, r"\[2\]", lambda e: sfsd_experiments.trajectory(e.llama, e.decomps, e.state, [2], lambda start: 0.0)),
+    case("suite unknown task", ValueError, r"unknown task 'nope'", lambda e: sfsd_experiments.suite(e.llama, e.tok, "tiny-llama", ("nope",), 4)),
     # ------------------------------------------------------------------------------------ evaluation
     case("response_loss no examples (was ZeroDivisionError)", ValueError, r"0 examples hold no response token",
          lambda e: evaluation.response_loss(e.llama, [], 0)),
@@ -308,22 +295,22 @@ CASES = [
     case("zero_shot batch_size auto", ValueError, r"never 'auto'", lambda e: evaluation.zero_shot(e.llama, e.tok, ["wiki_mc"], 4, batch_size="auto")),
     # ------------------------------------------------------------------------------------ synthesis
     case("mean_parts seq_len 0 (silently inf)", ValueError, r"seq_len=0 must be the calibration window length",
-         lambda e: synthesis.mean_parts({}, {}, 0, "all")),
-    case("lost_mean_share seq_len 0 (was ZeroDivisionError)", ValueError, r"seq_len=0", lambda e: synthesis.lost_mean_share({}, {}, 0, 50)),
-    case("mean_consistency seq_len 0 (silently inf)", ValueError, r"seq_len=0", lambda e: synthesis.mean_consistency({}, {}, 0)),
+         lambda e: synthesis_experiments.mean_parts({}, {}, 0, "all")),
+    case("lost_mean_share seq_len 0 (was ZeroDivisionError)", ValueError, r"seq_len=0", lambda e: synthesis_experiments.lost_mean_share({}, {}, 0, 50)),
+    case("mean_consistency seq_len 0 (silently inf)", ValueError, r"seq_len=0", lambda e: synthesis_experiments.mean_consistency({}, {}, 0)),
     case("mean_consistency nothing (was max() of empty)", ValueError, r"at least one decomposition",
-         lambda e: synthesis.mean_consistency({}, {}, 8)),
-    case("mean_parts unknown part", ValueError, r"unknown part 'first'; known: all", lambda e: synthesis.mean_parts({}, {}, 8, "first")),
-    case("mean_parts missing means", KeyError, r"no first-token means", lambda e: synthesis.mean_parts(e.decomps, {}, 8, "all")),
+         lambda e: synthesis_experiments.mean_consistency({}, {}, 8)),
+    case("mean_parts unknown part", ValueError, r"unknown part 'first'; known: all", lambda e: synthesis_experiments.mean_parts({}, {}, 8, "first")),
+    case("mean_parts missing means", KeyError, r"no first-token means", lambda e: synthesis_experiments.mean_parts(e.decomps, {}, 8, "all")),
     case("ablation_frame layer -1 (silently every layer)", ValueError, r"massive layer -1 must lie inside every profile's layers \[4\]",
-         lambda e: synthesis.ablation_frame({"base": e.profile}, -1)),
-    case("ablation_frame no profiles (was a pandas error)", ValueError, r"at least one profile", lambda e: synthesis.ablation_frame({}, 0)),
-    case("rank_correlation ragged", ValueError, r"equal length", lambda e: synthesis.rank_correlation([1, 2, 3], [1, 2])),
-    case("rank_correlation too few pairs", ValueError, r"at least 3 complete pairs", lambda e: synthesis.rank_correlation([1, NAN, 3], [1, 2, 3])),
-    case("layer_fraction empty", ValueError, r"non-empty \[layer\]\[kind\]", lambda e: synthesis.layer_fraction([])),
-    case("first_token_means 1-d", ValueError, r"\[N, T\] windows with T >= 2", lambda e: synthesis.first_token_means(e.llama, e.ids[0], [])),
+         lambda e: synthesis_experiments.ablation_frame({"base": e.profile}, -1)),
+    case("ablation_frame no profiles (was a pandas error)", ValueError, r"at least one profile", lambda e: synthesis_experiments.ablation_frame({}, 0)),
+    case("rank_correlation ragged", ValueError, r"equal length", lambda e: synthesis_experiments.rank_correlation([1, 2, 3], [1, 2])),
+    case("rank_correlation too few pairs", ValueError, r"at least 3 complete pairs", lambda e: synthesis_experiments.rank_correlation([1, NAN, 3], [1, 2, 3])),
+    case("layer_fraction empty", ValueError, r"non-empty \[layer\]\[kind\]", lambda e: synthesis_experiments.layer_fraction([])),
+    case("first_token_means 1-d", ValueError, r"\[N, T\] windows with T >= 2", lambda e: synthesis_experiments.first_token_means(e.llama, e.ids[0], [])),
     case("massive_layer_perplexity wrong kinds", ValueError, r"of kinds \['qq'\]",
-         lambda e: synthesis.massive_layer_perplexity(e.llama, e.decomps, {}, e.inputs, 0, [1], "feature", 50, False, "qq")),
+         lambda e: synthesis_experiments.massive_layer_perplexity(e.llama, e.decomps, {}, e.inputs, 0, [1], "feature", 50, False, "qq")),
     # ------------------------------------------------------------------------------------ macdrop
     case("Schedule.p 0 epochs (was ZeroDivisionError)", ValueError, r"n_epochs=0.*1-based counts",
          lambda e: macdrop.Schedule("epoch_before").p(1, 10, 0)),
@@ -342,26 +329,26 @@ CASES = [
     case("MacDrop trainable base weight", ValueError, r"trainable.*PEFT adapter", lambda e: macdrop.MacDrop(e.gpt2, 1, [0])),
     # ------------------------------------------------------------------------------------ inheritune / gpt
     case("train_batch batch_size 0 (was stack of empty)", ValueError, r"batch_size=0 and block=8 must be >= 1",
-         lambda e: inheritune.train_batch(torch.arange(100), 0, 0, 0, 8)),
-    case("train_batch block 0 (silently empty inputs)", ValueError, r"block=0", lambda e: inheritune.train_batch(torch.arange(100), 0, 0, 2, 0)),
+         lambda e: training.train_batch(torch.arange(100), 0, 0, 0, 8)),
+    case("train_batch block 0 (silently empty inputs)", ValueError, r"block=0", lambda e: training.train_batch(torch.arange(100), 0, 0, 2, 0)),
     case("train_batch window longer than the text", ValueError, r"shorter than one window of 101",
-         lambda e: inheritune.train_batch(torch.arange(50), 0, 0, 2, 100)),
-    case("val_windows block 0 (silently 1-token windows)", ValueError, r"block=0 must be >= 1", lambda e: inheritune.val_windows(torch.arange(100), 2, 0)),
-    case("val_windows too many", ValueError, r"cannot hold 20 windows of 9", lambda e: inheritune.val_windows(torch.arange(100), 20, 8)),
-    case("lr_at negative step (silently a negative lr)", ValueError, r"step=-5 must be >= 0", lambda e: inheritune.lr_at(-5, PretrainSettings())),
+         lambda e: training.train_batch(torch.arange(50), 0, 0, 2, 100)),
+    case("val_windows block 0 (silently 1-token windows)", ValueError, r"block=0 must be >= 1", lambda e: training.val_windows(torch.arange(100), 2, 0)),
+    case("val_windows too many", ValueError, r"cannot hold 20 windows of 9", lambda e: training.val_windows(torch.arange(100), 20, 8)),
+    case("lr_at negative step (silently a negative lr)", ValueError, r"step=-5 must be >= 0", lambda e: training.lr_at(-5, PretrainSettings())),
     case("window_losses 1-d windows (was IndexError)", ValueError, r"\[n, T\].*got shape \(9,\)",
-         lambda e: inheritune.window_losses(e.gpt, torch.zeros(9, dtype=torch.long))),
-    case("window_losses batch_size 0 (was range() error)", ValueError, r"batch_size=0", lambda e: inheritune.window_losses(e.gpt, torch.zeros(2, 9, dtype=torch.long), 0)),
+         lambda e: training.window_losses(e.gpt, torch.zeros(9, dtype=torch.long))),
+    case("window_losses batch_size 0 (was range() error)", ValueError, r"batch_size=0", lambda e: training.window_losses(e.gpt, torch.zeros(2, 9, dtype=torch.long), 0)),
     case("paired_difference other windows (silently broadcast)", ValueError, r"evaluated on 3 and 1 windows",
-         lambda e: inheritune.paired_difference(e.run, e.short_run)),
-    case("choose_layers all of them", ValueError, r"n_layers=4 must be between 1 and 3", lambda e: inheritune.choose_layers(4, 4)),
-    case("choose_layers unknown choice", ValueError, r"unknown layer choice 'top'; known: first", lambda e: inheritune.choose_layers(4, 2, "top")),
-    case("choose_layers explicit out of range", ValueError, r"explicit layers \[0, 9\]", lambda e: inheritune.choose_layers(4, 2, [0, 9])),
-    case("grow step 0", ValueError, r"step=0 and max_rounds=3 must be >= 1", lambda e: inheritune.grow(lambda n: e.run, e.run, 1, 0)),
+         lambda e: training.paired_difference(e.run, e.short_run)),
+    case("choose_layers all of them", ValueError, r"n_layers=4 must be between 1 and 3", lambda e: training.choose_layers(4, 4)),
+    case("choose_layers unknown choice", ValueError, r"unknown layer choice 'top'; known: first", lambda e: training.choose_layers(4, 2, "top")),
+    case("choose_layers explicit out of range", ValueError, r"explicit layers \[0, 9\]", lambda e: training.choose_layers(4, 2, [0, 9])),
+    case("grow step 0", ValueError, r"step=0 and max_rounds=3 must be >= 1", lambda e: training.grow(lambda n: e.run, e.run, 1, 0)),
     case("run_experiment unknown variant", ValueError, r"unknown variants \['inherit_all'\]; known: inherit_first",
-         lambda e: inheritune.run_experiment(e.gpt.config, PretrainSettings(), torch.arange(10), torch.arange(10), variants=("inherit_all",))),
-    case("GPTConfig n_embd 0 (silently a zero-width model)", ValueError, r"every size must be >= 1", lambda e: gpt.GPTConfig(n_embd=0, n_head=1)),
-    case("GPTConfig heads do not divide", ValueError, r"n_embd=10 must be a multiple of n_head=4", lambda e: gpt.GPTConfig(n_embd=10, n_head=4)),
+         lambda e: training.run_experiment(e.gpt.config, PretrainSettings(), torch.arange(10), torch.arange(10), variants=("inherit_all",))),
+    case("GPTConfig n_embd 0 (silently a zero-width model)", ValueError, r"every size must be >= 1", lambda e: profiles.GPTConfig(n_embd=0, n_head=1)),
+    case("GPTConfig heads do not divide", ValueError, r"n_embd=10 must be a multiple of n_head=4", lambda e: profiles.GPTConfig(n_embd=10, n_head=4)),
     # ------------------------------------------------------------------------------------ data / tasks
     case("token_windows 0 windows (silently a float [0, T] tensor)", ValueError, r"n_windows=0 and window_len=16: need n_windows >= 1",
          lambda e: data.token_windows(e.tok, "tiny-llama", "synthetic", 0, 16)),
@@ -394,8 +381,8 @@ CASES = [
     case("unknown model", KeyError, r"unknown model 'llama-4'; known models: tiny-llama, tiny-gpt2", lambda e: models.load_model("llama-4")),
     case("weights_id unknown model", KeyError, r"known models", lambda e: models.weights_id("gpt5")),
     case("unknown profile", ValueError, r"unknown profile 'tiny'; known profiles: smoke, small, paper",
-         lambda e: config.load_config("01_massive_activation_origin", "tiny")),
-    case("unknown notebook", ValueError, r"notebook '07_x' has no config in profile 'small'; known: 01_", lambda e: config.load_config("07_x", "small")),
+         lambda e: profiles.load_config("01_massive_activation_origin", "tiny")),
+    case("unknown notebook", ValueError, r"notebook '07_x' has no config in profile 'small'; known: 01_", lambda e: profiles.load_config("07_x", "small")),
     case("unknown family", NotImplementedError, r"no accessors for model_type None; known families: llama",
          lambda e: arch.layers(torch.nn.Linear(2, 2))),
     case("unknown arm scope", ValueError, r"unknown MacDrop scope 'half'; known: massive",
@@ -407,7 +394,7 @@ CASES = [
     case("claims on an unknown profile (silently 'not_run')", ValueError, r"unknown profile 'smal'; known profiles: smoke, small, paper",
          lambda e: claims.evaluate(e.claim, "smal")),
     case("record a key without a model", ValueError, r"'<model>/<quantity>'", lambda e: manifest.record("ppl", 1.0)),
-    case("record without setup", RuntimeError, r"call common.config.setup", lambda e: manifest.record("m/ppl", 1.0)),
+    case("record without setup", RuntimeError, r"call common.reporting.session.setup", lambda e: manifest.record("m/ppl", 1.0)),
     case("upstream unknown notebook", ValueError, r"has no config in profile", lambda e: manifest.upstream("09_nope", "small")),
     case("upstream not run yet", FileNotFoundError, r"run notebook 06_synthesis on this profile first \(make reproduce NB=06",
          lambda e: manifest.upstream("06_synthesis", "paper")),
@@ -423,8 +410,8 @@ def test_refused_weight_edits_leave_the_model_untouched(env: SimpleNamespace) ->
     """A refused edit changes nothing: the weights are bit-identical afterwards."""
     before = {k: v.clone() for k, v in env.llama.state_dict().items()}
     for bad in ({-1: [0]}, {1: [0, 192]}, {9: [0]}):
-        refused(ValueError, r"outside|out of range", lambda bad=bad: entered(massive.zero_channels(env.llama, bad)))
-    refused(ValueError, r"outside", lambda: entered(massive.zero_super_weight(env.llama, 1, -1, 0)))
+        refused(ValueError, r"outside|out of range", lambda bad=bad: entered(edits.zero_channels(env.llama, bad)))
+    refused(ValueError, r"outside", lambda: entered(edits.zero_super_weight(env.llama, 1, -1, 0)))
     refused(ValueError, r"keep-mask", lambda: env.macdrop.apply(torch.ones(1, 64)))
     assert not env.macdrop.active
     assert all(torch.equal(v, before[k]) for k, v in env.llama.state_dict().items())
@@ -520,10 +507,10 @@ def test_head_metrics_fuzz(shape: list[int], dtype: torch.dtype, fill: str, seed
 def test_rank_for_fuzz(budget: float, k: int) -> None:
     """``rank_for``: a rank in [1, kappa] for a budget in (0, 1] and kappa >= 1, else a ValueError naming it."""
     if 0 < budget <= 1 and k >= 1:
-        r = lowrank.rank_for(budget, k)
+        r = budgets.rank_for(budget, k)
         assert 1 <= r <= k and (r == 1 or r <= budget * k + 1e-6)
     else:
-        refused(ValueError, r"budget|kappa", lambda: lowrank.rank_for(budget, k))
+        refused(ValueError, r"budget|kappa", lambda: budgets.rank_for(budget, k))
 
 
 @FUZZ
@@ -531,17 +518,17 @@ def test_rank_for_fuzz(budget: float, k: int) -> None:
 def test_kappa_fuzz_is_the_break_even_rank(m: int, n: int) -> None:
     """kappa is the largest rank whose factor pair has no more parameters than the dense m x n matrix."""
     if m < 1 or n < 1:
-        refused(ValueError, r"must be positive", lambda: lowrank.kappa(m, n))
+        refused(ValueError, r"must be positive", lambda: budgets.kappa(m, n))
         return
-    k = lowrank.kappa(m, n)
+    k = budgets.kappa(m, n)
     assert 0 <= k <= min(m, n)
-    assert lowrank.factor_params(m, n, k, False) <= m * n < lowrank.factor_params(m, n, k + 1, False)
+    assert budgets.factor_params(m, n, k, False) <= m * n < budgets.factor_params(m, n, k + 1, False)
 
 
 @FUZZ
 @given(st.integers(1, 5000))
 def test_rank_grid_property(k: int) -> None:
-    grid = lowrank.rank_grid(k)
+    grid = budgets.rank_grid(k)
     assert grid == sorted(set(grid)) and grid[0] == 1 and grid[-1] == k and all(1 <= r <= k for r in grid)
 
 
@@ -580,9 +567,9 @@ def test_top_channels_fuzz(n: int, width: int, k: int, layer: int, seed: int) ->
     or the layer."""
     pos0 = torch.randn(n, 3, width, generator=torch.Generator().manual_seed(seed))
     if not 0 < k <= width or not 0 <= layer < 3:
-        refused(ValueError, r"k=|layer", lambda: massive.top_channels(pos0, layer, k))
+        refused(ValueError, r"k=|layer", lambda: detection.top_channels(pos0, layer, k))
         return
-    idx, vals = massive.top_channels(pos0, layer, k)
+    idx, vals = detection.top_channels(pos0, layer, k)
     assert len(set(idx)) == k and all(0 <= c < width for c in idx)
     assert vals == sorted(vals, reverse=True)
     assert vals[-1] >= float(pos0[:, layer].abs().mean(0).sort(descending=True).values[k - 1]) - 1e-6
@@ -593,9 +580,9 @@ def test_top_channels_fuzz(n: int, width: int, k: int, layer: int, seed: int) ->
 def test_random_channels_fuzz(width: int, k: int, seed: int, exclude: list[int]) -> None:
     pool = [c for c in range(width) if c not in set(exclude)]
     if not 0 < k <= width - len(set(exclude)):
-        refused(ValueError, r"k=.* is out of range", lambda: massive.random_channels(width, k, seed, exclude))
+        refused(ValueError, r"k=.* is out of range", lambda: edits.random_channels(width, k, seed, exclude))
         return
-    got = massive.random_channels(width, k, seed, exclude)
+    got = edits.random_channels(width, k, seed, exclude)
     assert len(got) == len(set(got)) == k and set(got) <= set(pool)
 
 
@@ -621,9 +608,9 @@ def test_bootstrap_interval_property(correct: list[float], level: float, seed: i
 @given(st.integers(2, 12), st.integers(-2, 14), st.sampled_from(["first", "last", "middle"]))
 def test_choose_layers_fuzz(n_ref: int, n_layers: int, which: str) -> None:
     if not 0 < n_layers < n_ref:
-        refused(ValueError, rf"n_layers={n_layers} must be between 1 and {n_ref - 1}", lambda: inheritune.choose_layers(n_ref, n_layers, which))
+        refused(ValueError, rf"n_layers={n_layers} must be between 1 and {n_ref - 1}", lambda: training.choose_layers(n_ref, n_layers, which))
         return
-    idx = inheritune.choose_layers(n_ref, n_layers, which)
+    idx = training.choose_layers(n_ref, n_layers, which)
     assert len(idx) == len(set(idx)) == n_layers and all(0 <= i < n_ref for i in idx) and idx == sorted(idx)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common import manifest
+from common.core import manifest
 
 
 def _manifest() -> dict:

@@ -1,6 +1,6 @@
 """Models beyond one GPU (issue 9 §1) on CPU: a model that from_pretrained dispatches (``hf_device_map`` set,
 accelerate's hooks on offloaded layers: what ``device_map="auto"`` does to a 13B-70B model on several GPUs)
-goes through ``load_model``'s device handling, the hook-based measurement (``massive.measure``,
+goes through ``load_model``'s device handling, the hook-based measurement (``detection.measure``,
 ``capture.capture``) and lm-eval (``evaluation.zero_shot``) with the results of the plain load;
 ``_load_hub`` asks for ``device_map="auto"`` and safetensors (one device per process under ``accelerate
 launch``). transformers 5 dispatches only a map over several devices or with disk offload, so on a CPU box
@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import evaluation, gpu, massive, models
-from common.capture import POINTS, capture
-from common.config import DETECTION_PROMPTS
-from common.models import ModelSpec
+from common.core import evaluation, gpu, models
+from common.core.capture import POINTS, capture
+from common.core.models import ModelSpec
+from common.core.profiles import DETECTION_PROMPTS
+from common.hoc import detection
 
 DISK_KEY = "tiny-llama-saved"
 
@@ -117,7 +118,7 @@ def test_load_hub_places_the_model_and_asks_for_safetensors(monkeypatch, tiny_ll
 def test_dispatched_model_measures_like_the_plain_load(saved_tiny, tmp_path, monkeypatch) -> None:
     """The saved tiny-llama through ``load_model``: with the real device_map="auto" (one device here: placed,
     no hooks) its logits are the in-process model's; dispatched with offloaded layers (hf_device_map,
-    accelerate's hooks), ``massive.measure`` finds the same massive layer, channels and hidden dims with the
+    accelerate's hooks), ``detection.measure`` finds the same massive layer, channels and hidden dims with the
     same statistics, and ``capture`` at every point agrees."""
     plain, tok = saved_tiny
     auto, auto_tok = models.load_model(DISK_KEY)
@@ -128,8 +129,8 @@ def test_dispatched_model_measures_like_the_plain_load(saved_tiny, tmp_path, mon
 
     model, disk_tok = _dispatched(monkeypatch, tmp_path)
     prompts = DETECTION_PROMPTS[:4]
-    want = massive.measure(plain, tok, "tiny-llama", prompts, _windows())
-    got = massive.measure(model, disk_tok, DISK_KEY, prompts, _windows())
+    want = detection.measure(plain, tok, "tiny-llama", prompts, _windows())
+    got = detection.measure(model, disk_tok, DISK_KEY, prompts, _windows())
     assert want.report.found and want.report.layer == models.PLANT["layer"]
     assert (got.report.layer, got.report.channels, got.report.hidden_dims) == \
         (want.report.layer, want.report.channels, want.report.hidden_dims)
@@ -156,15 +157,15 @@ def test_zero_shot_on_a_dispatched_model_and_not_under_a_launcher(saved_tiny, tm
 
 
 def test_cached_layer_inputs_run_an_offloaded_model(saved_tiny, tmp_path, monkeypatch) -> None:
-    """``lowrank.LayerInputs`` holds its inputs on the host and leaves a dispatched layer's inputs to
+    """``layer_inputs.LayerInputs`` holds its inputs on the host and leaves a dispatched layer's inputs to
     accelerate's hook (its weights are meta placeholders between forwards): the offloaded model's perplexity
     from every layer equals the plain model's."""
-    from common import lowrank
+    from common.core import layer_inputs
 
     plain, _ = saved_tiny
     model, _ = _dispatched(monkeypatch, tmp_path)
     ids = _windows(4, 24)
-    want = lowrank.LayerInputs(plain, ids, batch_size=2).perplexity(0)
-    got = lowrank.LayerInputs(model, ids, batch_size=2)
+    want = layer_inputs.LayerInputs(plain, ids, batch_size=2).perplexity(0)
+    got = layer_inputs.LayerInputs(model, ids, batch_size=2)
     for start in range(4):
         assert got.perplexity(start) == pytest.approx(want, rel=1e-5)

@@ -14,9 +14,13 @@ import torch
 from fake_device import SECOND, fake_accelerator, on_host
 from tiny_families import sharpen
 
-from common import attention, evaluation, lowrank, lowrank_eval, macdrop, massive, models, tasks
-from common.capture import capture
-from common.config import DETECTION_PROMPTS
+from common.core import evaluation, layer_inputs, models, tasks
+from common.core.capture import capture
+from common.core.profiles import DETECTION_PROMPTS
+from common.hoc import detection, edits, macdrop
+from common.inheritune import attention
+from common.sfsd import decomposition, experiments, lowrank, search
+from common.synthesis import protected
 
 pytestmark = [pytest.mark.device, pytest.mark.usefixtures("one_thread")]
 
@@ -44,9 +48,9 @@ def sharp_pair(pair):
 
 
 def _ppl_per_method(model, decomps, windows) -> dict[str, float]:
-    inputs = lowrank.LayerInputs(model, windows, batch_size=3)
+    inputs = layer_inputs.LayerInputs(model, windows, batch_size=3)
     out = {}
-    for method in lowrank.METHODS:
+    for method in decomposition.METHODS:
         with lowrank.decomposed(model, decomps, method, lowrank.uniform_ranks(decomps, 50, LAYERS)):
             out[method] = inputs.perplexity(LAYERS[0])
     return out
@@ -56,7 +60,7 @@ def _same_statistics(got, want) -> None:
     """Equal to float32 round-off (the device path's kernels may sum in another order)."""
     assert list(got) == list(want)
     for p, d in want.items():
-        for a, b in ((got[p].mean, d.mean), *((got[p].spectra[v][0], d.spectra[v][0]) for v in lowrank.VARIANTS),
+        for a, b in ((got[p].mean, d.mean), *((got[p].spectra[v][0], d.spectra[v][0]) for v in decomposition.VARIANTS),
                      (got[p].svd[1], d.svd[1])):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
@@ -71,18 +75,18 @@ def test_decompose_digest_factors_and_cached_reload_on_device(pair, tmp_path) ->
     conversion error, and factorise on the device, also after a reload from the safetensors cache."""
     host, clone, _ = pair
     cal, test = _windows(), _windows(seed=1)
-    want = lowrank.decompose_model(host, cal, LAYERS, batch_size=3)
+    want = decomposition.decompose_model(host, cal, LAYERS, batch_size=3)
     want_ppl = _ppl_per_method(host, want, test)
     with fake_accelerator() as dev:
         model = clone().to(dev)
-        got = lowrank.decompose_model(model, cal, LAYERS, batch_size=3, cache=tmp_path)
+        got = decomposition.decompose_model(model, cal, LAYERS, batch_size=3, cache=tmp_path)
         assert _all_host(got)
         _same_statistics(got, want)
-        assert len(lowrank.decomposition_digest(got)) == 16  # a host conversion of device tensors raised here
+        assert len(decomposition.decomposition_digest(got)) == 16  # a host conversion of device tensors raised here
         assert _ppl_per_method(model, got, test) == pytest.approx(want_ppl, rel=1e-4)
-        calls = len(lowrank.EIGH_CALLS)
-        reloaded = lowrank.decompose_model(model, cal, LAYERS, batch_size=3, cache=tmp_path)
-        assert len(lowrank.EIGH_CALLS) == calls  # read back, not recomputed
+        calls = len(decomposition.EIGH_CALLS)
+        reloaded = decomposition.decompose_model(model, cal, LAYERS, batch_size=3, cache=tmp_path)
+        assert len(decomposition.EIGH_CALLS) == calls  # read back, not recomputed
         assert _all_host(reloaded)
         assert _ppl_per_method(model, reloaded, test) == pytest.approx(want_ppl, rel=1e-4)
 
@@ -91,16 +95,16 @@ def test_searches_and_uniform_table_on_device(sharp_pair) -> None:
     """Both surgical searches and notebook 05's uniform table (digests, cached cells) make the host's decisions
     (the table's weight-SVD cells depend on the weights alone: equal to round-off)."""
     host, clone, tok = sharp_pair
-    cal, search = _windows(), _windows(4, 16, seed=2)
+    cal, held_out = _windows(), _windows(4, 16, seed=2)
     docs = tasks.build_docs("commonsense", 30, 0)
 
     def run(model):
-        decomps = lowrank.decompose_model(model, cal, LAYERS, batch_size=3)
-        inputs = lowrank.LayerInputs(model, search, batch_size=2)
-        ppl = lowrank.perplexity_search(model, decomps, inputs, tolerance=1.05, protected=2, scan="bisect")
-        mc = lowrank.multiple_choice(model, tok, KEY, docs[:6], "acc", 8, keep=[0, 3])
-        task = lowrank.task_search(model, decomps, [mc], mc, layers=[3], protected=2, scan="bisect")
-        table = lowrank_eval.uniform_table(model, KEY, decomps, inputs, None, ("weight_svd", "feature"), (80, 50), 1)
+        decomps = decomposition.decompose_model(model, cal, LAYERS, batch_size=3)
+        inputs = layer_inputs.LayerInputs(model, held_out, batch_size=2)
+        ppl = search.perplexity_search(model, decomps, inputs, tolerance=1.05, protected=2, scan="bisect")
+        mc = evaluation.multiple_choice(model, tok, KEY, docs[:6], "acc", 8, keep=[0, 3])
+        task = search.task_search(model, decomps, [mc], mc, layers=[3], protected=2, scan="bisect")
+        table = experiments.uniform_table(model, KEY, decomps, inputs, None, ("weight_svd", "feature"), (80, 50), 1)
         return ppl.ranks, task.ranks, table[table.method != "feature"].ppl.tolist()
 
     want = run(host)
@@ -135,14 +139,14 @@ def test_statistics_stay_on_each_layers_device_under_a_spread_model(pair) -> Non
     equal the one-device result (the first-parameter device would mix devices)."""
     host, clone, _ = pair
     cal = _windows()
-    want = lowrank.decompose_model(host, cal, LAYERS, batch_size=3)
+    want = decomposition.decompose_model(host, cal, LAYERS, batch_size=3)
     with fake_accelerator() as dev:
         model = clone().to(dev)
         _spread(model, [dev, SECOND])
         model.model.norm.to(SECOND)
         model.lm_head.to(SECOND)
-        got = lowrank.decompose_model(model, cal, LAYERS, batch_size=3)
-        moms = lowrank.layer_moments(model, cal, 1, batch_size=3)
+        got = decomposition.decompose_model(model, cal, LAYERS, batch_size=3)
+        moms = protected.layer_moments(model, cal, 1, batch_size=3)
         assert {m.gram.device for m, _ in moms.values()} == {SECOND}
         spread_ppl = _ppl_per_method(model, got, _windows(seed=1))
     _same_statistics(got, want)
@@ -156,10 +160,10 @@ def test_row_protected_pair_on_device(pair) -> None:
     path = "model.layers.1.mlp.up_proj"
 
     def run(model):
-        moms = lowrank.layer_moments(model, cal, 1, batch_size=3)
+        moms = protected.layer_moments(model, cal, 1, batch_size=3)
         module = model.get_submodule(path)
         rows = [0, 5, 7]
-        pair_ = lowrank.protected_factorised(module, *moms[path], rows, "feature", 4)
+        pair_ = protected.protected_factorised(module, *moms[path], rows, "feature", 4)
         x = torch.ones(2, module.in_features, device=module.weight.device)
         return pair_(x).cpu()
 
@@ -176,9 +180,9 @@ def test_capture_attention_perplexity_and_edits_on_device(pair) -> None:
 
     def run(model):
         stats = capture(model, windows.split(2), whole=True)
-        m = massive.measure(model, tok, KEY, DETECTION_PROMPTS[:2], windows, k=3, batch_size=2)
+        m = detection.measure(model, tok, KEY, DETECTION_PROMPTS[:2], windows, k=3, batch_size=2)
         att = attention.capture_attention(model, windows.split(2))
-        with massive.zero_channels(model, {1: [0, 1]}):
+        with edits.zero_channels(model, {1: [0, 1]}):
             ppl = evaluation.perplexity(model, windows, 2)
         return stats.pos0["inter"], m.report.layer, att.max_rank(), ppl
 
@@ -254,7 +258,7 @@ def test_fake_device_enforces_cuda_rules() -> None:
 def test_park_and_unpark_move_a_model_between_the_device_and_the_host(pair, monkeypatch) -> None:
     """Notebook 06 keeps several models and holds one at a time on the GPU: ``park`` moves one to the host,
     ``unpark`` back to ``device()``, with the same outputs; a model spread by device_map is left alone."""
-    from common import gpu
+    from common.core import gpu
 
     host, clone, _ = pair
     ids = _windows(2, 8)

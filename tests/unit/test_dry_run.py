@@ -1,6 +1,6 @@
 """The random-weight dry run's plumbing (DESIGN §2, issue 9 §1): the DRY_RUNS overlay of the paper profile,
 where its outputs go, the paper datasets (pins, the download lock, the offline errors, the dry run's
-substitution), and ``common.profiling`` (model FLOPs, MFU) with bench/paper_dryrun.py's table."""
+substitution), and ``common.core.profiling`` (model FLOPs, MFU) with bench/paper_dryrun.py's table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import REPO_ROOT, config, data, models, profiling, tasks
+from common import REPO_ROOT
+from common.core import data, env, models, prepare, profiles, profiling, tasks
 
 NB03 = "03_macdrop_finetuning"
 
@@ -26,43 +27,43 @@ def dry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_random_weights_reads_and_checks_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset: None; 'random': shrink 1 unless REPRO_RANDOM_SHRINK says otherwise; bad values name the fix."""
-    assert config.random_weights() is None
+    assert env.random_weights() is None
     monkeypatch.setenv("REPRO_WEIGHTS", "random")
-    assert config.random_weights() == 1
+    assert env.random_weights() == 1
     monkeypatch.setenv("REPRO_RANDOM_SHRINK", "16")
-    assert config.random_weights() == 16
+    assert env.random_weights() == 16
     for bad in ("0", "-2", "x"):
         monkeypatch.setenv("REPRO_RANDOM_SHRINK", bad)
         with pytest.raises(ValueError, match="positive integer"):
-            config.random_weights()
+            env.random_weights()
     monkeypatch.setenv("REPRO_WEIGHTS", "zeros")
     with pytest.raises(ValueError, match="only value is 'random'"):
-        config.random_weights()
+        env.random_weights()
 
 
 def test_dry_run_overlays_the_paper_profile_only(dry: None) -> None:
     """Under REPRO_WEIGHTS=random the paper config takes DRY_RUNS' values (small data, few paper tasks, one
     epoch) and keeps the rest (models, arms, bf16, gradient checkpointing); smoke and small are untouched."""
-    paper = config.PROFILES["paper"][NB03]
-    cfg = config.load_config(NB03, "paper")
-    assert cfg.dry_run and config.is_dry_run("paper")
-    assert cfg.corpus == "wiki" and cfg.tasks == config.DRY_RUNS["paper"][NB03]["tasks"]
+    paper = profiles.PROFILES["paper"][NB03]
+    cfg = profiles.load_config(NB03, "paper")
+    assert cfg.dry_run and profiles.is_dry_run("paper")
+    assert cfg.corpus == "wiki" and cfg.tasks == profiles.DRY_RUNS["paper"][NB03]["tasks"]
     assert all(t in tasks.PAPER_TASKS for t in (*cfg.tasks, *cfg.grid_tasks))  # the paper-task path, on stand-ins
     assert cfg.runs == paper.runs and cfg.settings.bf16 and cfg.settings.gradient_checkpointing
     assert cfg.settings.epochs == 1 and paper.settings.epochs == 3
     for profile in ("smoke", "small"):
-        assert not config.is_dry_run(profile)
-        cfg = config.load_config(NB03, profile)
-        assert not cfg.dry_run and (cfg.corpus, cfg.settings) == (config.PROFILES[profile][NB03].corpus,
-                                                                   config.PROFILES[profile][NB03].settings)
+        assert not profiles.is_dry_run(profile)
+        cfg = profiles.load_config(NB03, profile)
+        assert not cfg.dry_run and (cfg.corpus, cfg.settings) == (profiles.PROFILES[profile][NB03].corpus,
+                                                                   profiles.PROFILES[profile][NB03].settings)
 
 
 def test_every_paper_notebook_has_a_dry_run_on_local_data(dry: None, tmp_path) -> None:
     """Each paper notebook's dry run reads nothing from the hub: corpora are replaced, and its tasks are paper
     tasks (so the paper-task branch runs, issue 18) whose lm-eval sources are local stand-in configs."""
-    for notebook in config.PROFILES["paper"]:
-        assert notebook in config.DRY_RUNS["paper"] and notebook in config.SHRUNK_DRY_RUNS["paper"]
-        cfg = config.load_config(notebook, "paper")
+    for notebook in profiles.PROFILES["paper"]:
+        assert notebook in profiles.DRY_RUNS["paper"] and notebook in profiles.SHRUNK_DRY_RUNS["paper"]
+        cfg = profiles.load_config(notebook, "paper")
         names = [t for n in ("tasks", "sweep_tasks", "grid_tasks") for t in getattr(cfg, n, ())]
         names += [cfg.task] if getattr(cfg, "task", "") else []
         assert all(t in tasks.PAPER_TASKS for t in names), notebook
@@ -72,19 +73,19 @@ def test_every_paper_notebook_has_a_dry_run_on_local_data(dry: None, tmp_path) -
 def test_shrunk_dry_run_shortens_sequences(dry: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """REPRO_RANDOM_SHRINK > 1 adds SHRUNK_DRY_RUNS (the CPU test's sizes); at 1 the paper's 4096 stays."""
     nb = "01_massive_activation_origin"
-    assert config.load_config(nb, "paper").window_len == 4096
+    assert profiles.load_config(nb, "paper").window_len == 4096
     monkeypatch.setenv("REPRO_RANDOM_SHRINK", "16")
-    assert config.load_config(nb, "paper").window_len == config.SHRUNK_DRY_RUNS["paper"][nb]["window_len"] < 4096
+    assert profiles.load_config(nb, "paper").window_len == profiles.SHRUNK_DRY_RUNS["paper"][nb]["window_len"] < 4096
 
 
 def test_dry_run_writes_outside_the_committed_figures(dry: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dry run's manifest and figures go to build/figures/paper-dryrun/, never to figures/paper/."""
-    cfg = config.load_config(NB03, "paper")
+    cfg = profiles.load_config(NB03, "paper")
     assert cfg.out_dir == REPO_ROOT / "build" / "figures" / "paper-dryrun" / NB03 and cfg.run_name == "paper-dryrun"
-    assert config.run_name("paper") == "paper-dryrun" and config.run_name("small") == "small"  # common.run's copies
+    assert profiles.run_name("paper") == "paper-dryrun" and profiles.run_name("small") == "small"  # common.reporting.run's copies
     monkeypatch.delenv("REPRO_WEIGHTS")
-    assert config.load_config(NB03, "paper").out_dir == REPO_ROOT / "figures" / "paper" / NB03
-    assert config.run_name("paper") == "paper"
+    assert profiles.load_config(NB03, "paper").out_dir == REPO_ROOT / "figures" / "paper" / NB03
+    assert profiles.run_name("paper") == "paper"
 
 
 def test_shipped_configs_have_the_paper_shapes() -> None:
@@ -102,7 +103,7 @@ def test_dry_run_replaces_every_paper_corpus(dry: None, monkeypatch: pytest.Monk
     """Under the dry run every paper corpus reads the wiki split instead (never the hub)."""
     fake = [{"title": "A", "extract": "doc a"}]
     monkeypatch.setattr(data, "wiki_split", lambda split: fake)
-    monkeypatch.setattr(data, "_rows", lambda *a: pytest.fail("the dry run must not read a hub dataset"))
+    monkeypatch.setattr(data, "dataset_rows", lambda *a: pytest.fail("the dry run must not read a hub dataset"))
     for corpus in ("wikitext2", "c4", "pg19", "openwebtext"):
         assert data.corpus_texts(corpus, "heldout") == ["doc a"]
 
@@ -131,7 +132,7 @@ def test_unpinned_dataset_needs_its_download_lock(monkeypatch: pytest.MonkeyPatc
     names a commit, that commit is read."""
     with pytest.raises(FileNotFoundError, match="make models PROFILE=paper"):
         data.dataset_revision("pg19")
-    lock = data._lock_path()
+    lock = data.lock_path()
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"pg19": "f" * 40}))
     assert data.dataset_revision("pg19") == "f" * 40
@@ -162,10 +163,10 @@ def test_download_locks_unpinned_datasets_and_fetches_the_tasks(monkeypatch: pyt
                         or _FakeRows())
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo: type("I", (), {"sha": "a" * 40}))
     monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda names, manager: asked.append(names))
-    revisions = data.download_paper_data()
+    revisions = prepare.download_paper_data()
     unpinned = [n for n, d in data.PAPER_DATA.items() if not d.revision]
     assert {n: revisions[n] for n in unpinned} == {n: "a" * 40 for n in unpinned}
-    assert json.loads(data._lock_path().read_text()) == {n: "a" * 40 for n in unpinned}
+    assert json.loads(data.lock_path().read_text()) == {n: "a" * 40 for n in unpinned}
     assert revisions["wikitext2"] == data.PAPER_DATA["wikitext2"].revision
     assert len(loaded) == sum(len(d.splits) for d in data.PAPER_DATA.values())
     assert asked == [list(tasks.PAPER_TASKS)]
@@ -179,7 +180,7 @@ class _FakeRows(dict):
 def test_alpaca_pairs_come_from_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """alpaca-gpt4 rows become prompt/response pairs (input appended to the instruction), split 95/5."""
     rows = [{"instruction": f"Do {i}", "input": "x" if i % 2 else "", "output": f"Done {i}"} for i in range(40)]
-    monkeypatch.setattr(data, "_rows", lambda name, split: rows)
+    monkeypatch.setattr(data, "dataset_rows", lambda name, split: rows)
     train = data.instruction_pairs("alpaca-gpt4", "train", None)
     val = data.instruction_pairs("alpaca-gpt4", "val", None)
     assert (len(train), len(val)) == (38, 2)
@@ -212,7 +213,7 @@ def test_peak_flops_unknown_on_cpu_unless_given(monkeypatch: pytest.MonkeyPatch)
 
 def test_perplexity_pass_reports_consistent_rates(monkeypatch: pytest.MonkeyPatch) -> None:
     """The timed pass's perplexity is evaluation.perplexity's; tokens/s, TFLOP/s and MFU agree with each other."""
-    from common import evaluation
+    from common.core import evaluation
 
     model = models.load_model("tiny-llama")[0]
     windows = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -39,21 +39,13 @@ from tiny_families import sharpen, single_thread
 from torch import nn
 from transformers import LlamaForCausalLM, TrainerState
 
-from common import (
-    cache,
-    data,
-    finetune,
-    inheritune,
-    lowrank,
-    lowrank_eval,
-    macdrop,
-    manifest,
-    massive,
-    models,
-    tasks,
-)
-from common.config import DETECTION_PROMPTS, PretrainSettings, TrainSettings, cache_dir
-from common.gpt import GPTConfig
+from common.core import cache, data, evaluation, layer_inputs, manifest, models, tasks
+from common.core.env import cache_dir
+from common.core.profiles import DETECTION_PROMPTS, GPTConfig, PretrainSettings, TrainSettings
+from common.hoc import detection, finetune, macdrop
+from common.inheritune import training
+from common.sfsd import decomposition, experiments
+from common.sfsd import search as sfsd_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,7 +222,7 @@ def tuning(tmp_path_factory: pytest.TempPathFactory) -> _Tuning:
     with single_thread(), pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPRO_CACHE", str(tmp_path_factory.mktemp("uninterrupted")))
         model, tok = models.load_model(KEY)
-        layer, channels = massive.massive_weights(model, [models.encode(tok, KEY, p) for p in DETECTION_PROMPTS],
+        layer, channels = detection.massive_weights(model, [models.encode(tok, KEY, p) for p in DETECTION_PROMPTS],
                                                   k=5)
         train = data.tokenize_pairs(tok, KEY, data.instruction_pairs("synthetic", "train", 2 * STEPS), 128)
         settings = TrainSettings(rank=4, alpha=8, lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_len=128,
@@ -336,18 +328,18 @@ def test_finetune_killed_resumes_from_its_last_checkpoint(tuning: _Tuning, monke
 class _Search:
     model: nn.Module
     calibration: torch.Tensor
-    decomps: dict[str, lowrank.Decomposition]
-    windows: lowrank.LayerInputs  # the perplexity search's split
-    chunks: list[lowrank.MultipleChoice]  # the task search's chunks and split
-    split: lowrank.MultipleChoice
-    references: dict[str, lowrank.SearchState] = field(default_factory=dict)
+    decomps: dict[str, decomposition.Decomposition]
+    windows: layer_inputs.LayerInputs  # the perplexity search's split
+    chunks: list[evaluation.MultipleChoice]  # the task search's chunks and split
+    split: evaluation.MultipleChoice
+    references: dict[str, sfsd_search.SearchState] = field(default_factory=dict)
     evaluations: dict[str, int] = field(default_factory=dict)
 
-    def run(self, criterion: str, state_path: Path | None) -> lowrank.SearchState:
+    def run(self, criterion: str, state_path: Path | None) -> sfsd_search.SearchState:
         if criterion == "perplexity":
-            return lowrank.perplexity_search(self.model, self.decomps, self.windows, "feature", 1.03, 2,
+            return sfsd_search.perplexity_search(self.model, self.decomps, self.windows, "feature", 1.03, 2,
                                              state_path=state_path)
-        return lowrank.task_search(self.model, self.decomps, self.chunks, self.split, "feature", 0.0, 2,
+        return sfsd_search.task_search(self.model, self.decomps, self.chunks, self.split, "feature", 0.0, 2,
                                    state_path=state_path)
 
 
@@ -355,7 +347,7 @@ def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every score a search computes from now on: a perplexity or a task accuracy (the bases and each
     candidate rank), one entry each."""
     calls: list[int] = []
-    for cls, name in ((lowrank.LayerInputs, "perplexity"), (lowrank.MultipleChoice, "accuracy")):
+    for cls, name in ((layer_inputs.LayerInputs, "perplexity"), (evaluation.MultipleChoice, "accuracy")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, start=0, real=real: calls.append(start) or real(self, start))
     return calls
@@ -372,18 +364,18 @@ def search() -> _Search:
         sharpen(model)
         g = torch.Generator().manual_seed(0)
         calibration = torch.randint(3, 259, (8, 24), generator=g)
-        decomps = lowrank.decompose_model(model, calibration, batch_size=4)
+        decomps = decomposition.decompose_model(model, calibration, batch_size=4)
         ids = torch.full((16, 1), tok.bos_token_id)
         with torch.no_grad():
             for _ in range(23):
                 ids = torch.cat([ids, torch.multinomial(model(ids).logits[:, -1].softmax(-1), 1, generator=g)], 1)
-        splits = lowrank_eval.task_splits(tasks.build_docs("commonsense", 60, 0), chunk=0.1, search=0.4)
+        splits = experiments.task_splits(tasks.build_docs("commonsense", 60, 0), chunk=0.1, search=0.4)
 
-        def scorer(docs: list[dict]) -> lowrank.MultipleChoice:
-            return lowrank.multiple_choice(model, tok, KEY, docs, tasks.LOCAL_TASKS["commonsense"].metric, 16,
+        def scorer(docs: list[dict]) -> evaluation.MultipleChoice:
+            return evaluation.multiple_choice(model, tok, KEY, docs, tasks.LOCAL_TASKS["commonsense"].metric, 16,
                                            tasks.TARGET_DELIMITER)
 
-        s = _Search(model, calibration, decomps, lowrank.LayerInputs(model, ids, batch_size=8),
+        s = _Search(model, calibration, decomps, layer_inputs.LayerInputs(model, ids, batch_size=8),
                     [scorer(c) for c in splits.chunks], scorer(splits.search))
         for criterion in ("perplexity", "task"):
             calls = _count_evaluations(mp)
@@ -402,25 +394,25 @@ def test_decomposition_cache_killed_mid_layer_resumes_at_that_layer(search: _Sea
     folder = tmp_path / "decompositions"
 
     def scenario() -> None:
-        real_save = lowrank.save_file
+        real_save = decomposition.save_file
 
         def save(tensors, path, metadata=None):
             real_save(tensors, path, metadata=metadata)
             if "layer_02" in Path(path).name:
                 _truncate_then_die(path)
 
-        lowrank.save_file = save
-        lowrank.decompose_model(search.model, search.calibration, batch_size=4, cache=folder)
+        decomposition.save_file = save
+        decomposition.decompose_model(search.model, search.calibration, batch_size=4, cache=folder)
 
     _crash(scenario)
     assert sorted(p.name for p in folder.iterdir()) == ["layer_00.safetensors", "layer_01.safetensors",
                                                         "layer_02.tmp"]
     computed: list[int] = []
-    resumed = lowrank.decompose_model(search.model, search.calibration, batch_size=4, cache=folder,
+    resumed = decomposition.decompose_model(search.model, search.calibration, batch_size=4, cache=folder,
                                       progress=computed.append)
     assert computed == [2, 3]
     assert list(resumed) == list(search.decomps)
-    assert lowrank.decomposition_digest(resumed) == lowrank.decomposition_digest(search.decomps)
+    assert decomposition.decomposition_digest(resumed) == decomposition.decomposition_digest(search.decomps)
     for p, d in search.decomps.items():
         for a, b in zip(d.svd, resumed[p].svd, strict=True):
             torch.testing.assert_close(a, b)
@@ -438,7 +430,7 @@ def test_search_killed_resumes_without_recomputing(search: _Search, tmp_path: Pa
     path = tmp_path / "search.json"
 
     def scenario() -> None:
-        real_save = lowrank.SearchState.save
+        real_save = sfsd_search.SearchState.save
 
         def save(self, p):
             if len(self.steps) == 3 and moment == "mid_save":
@@ -447,7 +439,7 @@ def test_search_killed_resumes_without_recomputing(search: _Search, tmp_path: Pa
             if len(self.steps) == 3:
                 _die()
 
-        lowrank.SearchState.save = save
+        sfsd_search.SearchState.save = save
         search.run(criterion, path)
 
     _crash(scenario)
@@ -465,9 +457,9 @@ def test_search_killed_resumes_without_recomputing(search: _Search, tmp_path: Pa
 # ----------------------------------------------------------------------------------------- Inheritune
 
 
-def _gpt_run(stream: torch.Tensor, val: torch.Tensor, s: PretrainSettings) -> inheritune.Run:
-    model, init = inheritune.random_init(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16), 0)
-    return inheritune.train("r", model, init, stream, val, s)
+def _gpt_run(stream: torch.Tensor, val: torch.Tensor, s: PretrainSettings) -> training.Run:
+    model, init = training.random_init(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16), 0)
+    return training.train("r", model, init, stream, val, s)
 
 
 @pytest.mark.parametrize("moment", ["mid_checkpoint", "publishing"])
@@ -478,7 +470,7 @@ def test_inheritune_killed_resumes_from_its_checkpoint(monkeypatch: pytest.Monke
     no run is cached; the next call trains only the steps after it and gives the uninterrupted run."""
     s = PretrainSettings(steps=8, batch_size=4, lr=1e-2, warmup=2, eval_interval=2, ckpt_interval=2, n_val=4)
     stream = torch.tensor(list(b"abcdefg") * 200, dtype=torch.uint8)
-    val = inheritune.val_windows(stream, 4, 16)
+    val = training.val_windows(stream, 4, 16)
 
     def scenario() -> None:
         if moment == "mid_checkpoint":
@@ -502,8 +494,8 @@ def test_inheritune_killed_resumes_from_its_checkpoint(monkeypatch: pytest.Monke
     assert torch.load(work / "ckpt.pt", weights_only=True)["step"] == start
 
     calls: list[int] = []
-    real_batch = inheritune.train_batch
-    monkeypatch.setattr(inheritune, "train_batch", lambda stream, step, *a: calls.append(step) or real_batch(stream, step, *a))
+    real_batch = training.train_batch
+    monkeypatch.setattr(training, "train_batch", lambda stream, step, *a: calls.append(step) or real_batch(stream, step, *a))
     resumed = _gpt_run(stream, val, s)
     assert calls == list(range(start, 8))
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "uninterrupted"))

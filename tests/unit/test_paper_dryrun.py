@@ -4,7 +4,9 @@
 import pytest
 import torch
 
-from common import arch, attention, config, data, massive, models
+from common.core import arch, data, models, profiles
+from common.hoc import detection
+from common.inheritune import attention
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def test_random_llama3_runs_notebook01_measurement_offline(random_weights):
     model, tok = models.load_model("llama-3-8b")
     assert len(arch.layers(model)) == 4 and arch.intermediate_size(model) == 14336 // 16
     windows = data.token_windows(tok, "llama-3-8b", "synthetic", n_windows=2, window_len=64)
-    m = massive.measure(model, tok, "llama-3-8b", config.DETECTION_PROMPTS[:2], windows)
+    m = detection.measure(model, tok, "llama-3-8b", profiles.DETECTION_PROMPTS[:2], windows)
     assert m.n_layers == 4
     # the dry run plants HoC's circuit (random weights have none), and detection finds it
     assert (m.report.layer, m.report.channels[0]) == (models.PLANT["layer"], models.PLANT["channel"])
@@ -42,18 +44,18 @@ def test_unplanted_random_llama_has_no_massive_layer(random_weights, monkeypatch
     monkeypatch.setattr(models, "plant_massive_weight", lambda *a, **k: None)
     model, tok = models.load_model("llama-3-8b")
     windows = data.token_windows(tok, "llama-3-8b", "synthetic", n_windows=2, window_len=64)
-    assert massive.measure(model, tok, "llama-3-8b", config.DETECTION_PROMPTS[:2], windows).report.layer is None
+    assert detection.measure(model, tok, "llama-3-8b", profiles.DETECTION_PROMPTS[:2], windows).report.layer is None
 
 
 def test_random_llama3_dora_macdrop_finetune_in_bf16(random_weights):
     """Notebook 03's paper path (DoRA + MacDrop, bf16 autocast, gradient checkpointing) on the shrunk random
     Llama-3-8B: training runs, MacDrop drops what p_t says, the adapter differs from the base model."""
-    from common import finetune
+    from common.hoc import finetune
 
     tok = models.byte_tokenizer()
     pairs = data.instruction_pairs("synthetic", "train", 4, seed=0)
     train = data.tokenize_pairs(tok, "llama-3-8b", pairs, 96)
-    settings = config.TrainSettings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_len=96, save_steps=100,
+    settings = profiles.TrainSettings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_len=96, save_steps=100,
                                     gradient_checkpointing=True, bf16=True)
     tuned = finetune.finetune("llama-3-8b", finetune.ARMS["dora_macdrop"], 0, settings, train, layer=0,
                               channels=[0, 1, 2, 3, 4])
@@ -101,16 +103,17 @@ def test_random_mistral7b_runs_notebook05_decomposition_and_search_offline():
     """Notebook 05's paper path on the shrunk random Mistral-7B (GQA: k/v 1024 -> 64 wide, 14336 -> 896 MLP):
     the shipped config has the paper's shape, the decomposition covers every unprotected projection with the
     paper's kappa structure, and a perplexity search runs on it and respects its bound."""
-    from common import lowrank
+    from common.core import layer_inputs
+    from common.sfsd import budgets, decomposition, search
 
     full = models.random_config(models.get_spec("mistral-7b"))
     assert (full.num_hidden_layers, full.hidden_size, full.intermediate_size, full.num_key_value_heads) == (32, 4096, 14336, 8)
-    assert lowrank.kappa(14336, 4096) == 3185 and lowrank.kappa(1024, 4096) == 819  # research §1.1's table
+    assert budgets.kappa(14336, 4096) == 3185 and budgets.kappa(1024, 4096) == 819  # research §1.1's table
     model, tok = models.load_model("mistral-7b")
     ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    decomps = lowrank.decompose_model(model, ids, [1], batch_size=2)
+    decomps = decomposition.decompose_model(model, ids, [1], batch_size=2)
     assert [d.target.kind for d in decomps.values()] == ["q", "k", "v", "o", "gate", "up", "down"]
-    state = lowrank.perplexity_search(model, decomps, lowrank.LayerInputs(model, ids, batch_size=2), tolerance=1.5,
+    state = search.perplexity_search(model, decomps, layer_inputs.LayerInputs(model, ids, batch_size=2), tolerance=1.5,
                                       protected=1, scan="bisect")
     assert {s["layer"] for s in state.steps} == {1}
     assert all(s["tried"][str(s["rank"])] <= s["bound"] for s in state.steps if s["rank"] is not None)

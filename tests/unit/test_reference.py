@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from common import REPO_ROOT, attention, capture, evaluation, models
+from common import REPO_ROOT
+from common.core import capture, evaluation, models
+from common.inheritune import attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

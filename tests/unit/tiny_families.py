@@ -1,4 +1,4 @@
-"""Tiny random models of every buildable ``common.arch`` family, and the helpers the unit tests share."""
+"""Tiny random models of every buildable ``common.core.arch`` family, and the helpers the unit tests share."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-#: Families of ``common.arch.FAMILIES`` that can be built as a plain causal LM here.
+#: Families of ``common.core.arch.FAMILIES`` that can be built as a plain causal LM here.
 #: ("gemma3" is the multimodal Gemma3ForConditionalGeneration, whose layers sit under
 #: model.language_model: the table's "model"/"layers" paths do not reach them, so it is not built here.)
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "gemma", "gemma3_text", "gemma2", "phi3", "gpt2")
@@ -64,7 +64,7 @@ def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
 
 def hooked_forward(model: torch.nn.Module, ids: torch.Tensor, register) -> None:
     """One no-grad forward of ``model`` on ``ids`` with the hooks ``register()`` returns (a list of handles),
-    removed afterwards, also on errors (the tests' own capture, independent of ``common.capture``)."""
+    removed afterwards, also on errors (the tests' own capture, independent of ``common.core.capture``)."""
     handles = register()
     try:
         with torch.no_grad():
@@ -90,7 +90,7 @@ def single_thread() -> Iterator[None]:
 def sharpen(model: nn.Module) -> nn.Module:
     """Scale every decoder linear by 10 and the LM head by 30, in place: a random model with peaked
     predictions, so rank cuts move its perplexity (the search tests' model)."""
-    from common import arch
+    from common.core import arch
 
     for layer in arch.layers(model):
         for m in layer.modules():

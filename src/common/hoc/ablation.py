@@ -1,0 +1,321 @@
+"""Massive-weight ablation experiments (HoC Table 1, Fig. 4; SunMA Table 3; Yu et al. super weight).
+
+An ``Attack`` is plain data (kind + JSON-able parameters); ``Attack.context(model)`` turns it into one of
+the weight-edit context managers of ``common.hoc.detection``. ``evaluate`` runs perplexity and, optionally, the
+zero-shot suite under an attack, cached by (weights, attack, data, tasks), so a re-run or an interrupted
+k-sweep resumes where it stopped and only the attacked rows change between points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from common.core import arch, data, evaluation, models
+from common.core.cache import cached, tensor_digest
+from common.core.manifest import record, record_model
+from common.hoc import detection, edits, paper
+
+KINDS = ("base", "channels", "super", "hidden", "norm_gain")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One model edit. ``kind``: ``base`` (none), ``channels`` (zero intermediate channels per layer),
+    ``super`` (zero one down_proj entry), ``hidden`` (overwrite hidden values, SunMA), ``norm_gain``."""
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict)
+
+    def context(self, model: torch.nn.Module):
+        """The context manager that applies this attack to ``model`` and restores it on exit."""
+        p = self.params
+        if self.kind == "base":
+            return contextlib.nullcontext()
+        if self.kind == "channels":
+            return edits.zero_channels(model, {int(layer): ch for layer, ch in p["channels"].items()})
+        if self.kind == "super":
+            return edits.zero_super_weight(model, p["layer"], p["hidden_dim"], p["channel"])
+        if self.kind == "hidden":
+            return edits.set_hidden(model, p["layer"], p["dims"], torch.tensor(p["values"]))
+        if self.kind == "norm_gain":
+            return edits.set_norm_gain(model, p["layers"], p["dim"], p["gain"])
+        raise ValueError(f"unknown attack kind {self.kind!r}; known: {', '.join(KINDS)}")
+
+
+BASE = Attack("base", "base")
+
+
+def zero_top(layer: int, ranked: list[int], k: int) -> Attack:
+    """HoC top-k zeroing (k = 0 is the unattacked model)."""
+    if k == 0:
+        return Attack("zero_top0", "base")
+    return Attack(f"zero_top{k}", "channels", {"channels": {layer: ranked[:k]}})
+
+
+def keep_top(layer: int, ranked: list[int], k: int, width: int) -> Attack:
+    """HoC top-k retaining: every other up/gate row of the layer zeroed (k = 0 removes the layer's FFN)."""
+    return Attack(f"keep_top{k}", "channels", {"channels": {layer: edits.all_but(ranked[:k], width)}})
+
+
+def random_k(layer: int, k: int, seed: int, width: int, exclude: list[int]) -> Attack:
+    """Control: k random non-massive rows of the same layer (k = 0 is the unattacked model)."""
+    if k == 0:
+        return Attack(f"random_top0_s{seed}", "base")
+    return Attack(f"random_top{k}_s{seed}", "channels",
+                  {"channels": {layer: edits.random_channels(width, k, seed, exclude)}})
+
+
+def table1(report: detection.MassiveReport, ranked: list[int], k: int, width: int,
+           seeds: tuple[int, ...]) -> list[Attack]:
+    """HoC Table 1 rows: base, zero top-k, keep-only top-k, and the random control for each seed.
+    Refuses (ValueError) for a model without a massive layer."""
+    layer = edits.require_layer(report)
+    edits.check_k(k, width)
+    return [BASE, zero_top(layer, ranked, k), keep_top(layer, ranked, k, width),
+            *[random_k(layer, k, s, width, ranked[:k]) for s in seeds]]
+
+
+def writer_layers(prompts, dim: int, layer: int, min_abs: float = detection.MIN_ABS) -> list[int]:
+    """Layers up to the massive ``layer`` whose FFN branch writes at least ``min_abs`` into hidden ``dim`` at
+    position 0 (mean over prompts), with the sign of the massive value: the layers that *build* the massive
+    dim (SmolLM2: 1, 2 and 11 for dim 507). Later layers that shrink it are not builders."""
+    point = "post_ffn" if "post_ffn" in prompts.pos0 else "mlp_out"
+    writes = prompts.pos0[point][:, : layer + 1, dim].mean(0)
+    sign = torch.sign(prompts.pos0["hidden"][:, layer, dim].mean(0))
+    return (writes * sign >= min_abs).nonzero().flatten().tolist()
+
+
+def joint_top(prompts, layers: list[int], k: int) -> Attack:
+    """Zero the top-k position-0 channels of every layer in ``layers`` at once."""
+    chans = {i: detection.top_channels(prompts.pos0["inter"], i, k)[0] for i in layers}
+    return Attack(f"joint_top{k}_L{'-'.join(map(str, layers))}", "channels", {"channels": chans})
+
+
+def hidden_intervention(layer: int, dims: list[int], values: list[float], name: str) -> Attack:
+    """SunMA Table 3: set the massive hidden values after ``layer`` at position 0 to ``values``."""
+    return Attack(name, "hidden", {"layer": layer, "dims": dims, "values": values})
+
+
+def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: torch.Tensor,
+             tasks: tuple[str, ...] = (), n_items: int | None = 0, batch_size: int = 4, seed: int = 0,
+             eval_batch_size: int = 4) -> dict:
+    """Perplexity on ``windows`` (``batch_size`` windows a forward) and the zero-shot ``tasks`` with ``n_items``
+    each (lm-eval's requests, ``eval_batch_size`` a forward: a 4096-token window and a 60-token request need
+    different batches) under ``attack``, cached.
+
+    Returns ``{"ppl": float, "tasks": {task: {...}} | None, "avg": {...} | None}``.
+    """
+    cache_key = {"weights": models.weights_id(key), "attack": attack.kind, "params": attack.params,
+                 "windows": tensor_digest(windows), "tasks": list(tasks), "n_items": n_items,
+                 "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype)}
+    if tasks:  # a perplexity-only result does not depend on it
+        cache_key["eval_batch_size"] = eval_batch_size
+
+    def compute() -> dict:
+        with attack.context(model):
+            out = {"ppl": evaluation.perplexity(model, windows, batch_size), "tasks": None, "avg": None}
+            if tasks:
+                per_task = evaluation.zero_shot(model, tok, list(tasks), n_items, seed=seed,
+                                                batch_size=eval_batch_size,
+                                                prepend_bos=models.get_spec(key).prepend_bos)
+                out["tasks"] = per_task
+                out["avg"] = evaluation.average_accuracy(per_task)
+        return out
+
+    return cached("ablation", cache_key, compute)
+
+
+def table1_rows(model: torch.nn.Module, tok, key: str, report: detection.MassiveReport, ranked: list[int],
+                windows: torch.Tensor, k: int, seeds: tuple[int, ...], tasks: tuple[str, ...], n_items: int | None,
+                batch_size: int, eval_batch_size: int) -> dict[str, dict]:
+    """Evaluate HoC Table 1's rows for one model (``evaluate``'s two batch sizes). Without a massive layer only
+    ``base`` is evaluated."""
+    attacks = [BASE]
+    if report.found:
+        attacks = table1(report, ranked, k, arch.intermediate_size(model, report.layer), seeds)
+    rows = {}
+    for attack in attacks:
+        with_tasks = attack.name in ("base", f"zero_top{k}", f"keep_top{k}") or attack.name.endswith("_s0")
+        rows[attack.name] = evaluate(model, tok, key, attack, windows, tasks if with_tasks else (), n_items,
+                                     batch_size, eval_batch_size=eval_batch_size)
+    return rows
+
+
+def _row_values(rows: dict[str, dict], row: str, k: int) -> tuple[float, dict | None, str | None]:
+    """(perplexity, accuracy summary, note) of a Table 1 row; the random row averages its seeds."""
+    if row != f"random_top{k}":
+        return rows[row]["ppl"], rows[row]["avg"], None
+    seeds = sorted(n for n in rows if n.startswith(f"random_top{k}_s"))
+    ppls = [rows[n]["ppl"] for n in seeds]
+    note = f"mean over {len(seeds)} seeds (ppl {min(ppls):.3f}-{max(ppls):.3f}); accuracy: seed {seeds[0][-1]}"
+    return sum(ppls) / len(ppls), rows[seeds[0]]["avg"], note
+
+
+def table1_frame(rows: dict[str, dict[str, dict]], k: int) -> pd.DataFrame:
+    """HoC Table 1 as a frame indexed (model, attack): ppl, ratio to base, accuracy with its 95% interval."""
+    recs = []
+    for key, r in rows.items():
+        for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
+            if row not in r and not any(n.startswith(f"{row}_s") for n in r):
+                continue
+            ppl, avg, _ = _row_values(r, row, k)
+            recs.append({"model": key, "attack": row, "ppl": ppl, "ppl_ratio": ppl / r["base"]["ppl"],
+                         "acc": avg["acc"] if avg else None, "acc_lo": avg["ci95"][0] if avg else None,
+                         "acc_hi": avg["ci95"][1] if avg else None,
+                         "chance": chance_average(r["base"]["tasks"]) if r["base"]["tasks"] else None})
+    return pd.DataFrame(recs).set_index(["model", "attack"])
+
+
+def chance_average(per_task: dict[str, dict]) -> float:
+    """Mean chance level of the tasks (what a random guesser scores on the average)."""
+    return sum(t["chance"] for t in per_task.values()) / len(per_task)
+
+
+def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = None) -> None:
+    """Record ``M/ppl/{base,zero_topk,keep_topk,random_topk}`` and the same under ``M/acc/`` (DESIGN §9), with
+    HoC's Llama-3-8B values beside them. Accuracy is a fraction with its 95% bootstrap interval."""
+    for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
+        paper_ppl, paper_acc = paper.TABLE1.get(f"ppl/{row}"), paper.TABLE1.get(f"acc/{row}")
+        if row != "base" and reason:
+            record(f"{key}/ppl/{row}", None, paper=paper_ppl, paper_ref=paper.TABLE1_REF, note=reason)
+            record(f"{key}/acc/{row}", None, paper=paper_acc, paper_ref=paper.TABLE1_REF, note=reason)
+            continue
+        ppl, avg, note = _row_values(rows, row, k)
+        record(f"{key}/ppl/{row}", ppl, paper=paper_ppl, paper_ref=paper.TABLE1_REF, note=note)
+        record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], note="perplexity / intact perplexity")
+        record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=paper.TABLE1_REF,
+               ci95=avg["ci95"] if avg else None,
+               note="unweighted mean over the zero-shot tasks (fraction; paper: %), 95% bootstrap interval")
+        if avg and rows["base"]["avg"] and row != "base":
+            record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"],
+                   note="accuracy minus intact accuracy (fraction)")
+    if rows["base"]["tasks"]:
+        record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
+
+
+def sweep_frame(results: dict[str, dict], ks: tuple[int, ...]) -> pd.DataFrame:
+    """HoC Fig. 4 data: index (attack kind, k), columns ppl and accuracy with its interval."""
+    recs = []
+    for kind, prefix in (("zero", "zero_top"), ("keep", "keep_top"), ("random", "random_top")):
+        for k in ks:
+            name = next(n for n in results if n == f"{prefix}{k}" or n.startswith(f"{prefix}{k}_s"))
+            res = results[name]
+            avg = res["avg"]
+            recs.append({"kind": kind, "k": k, "ppl": res["ppl"], "acc": avg["acc"] if avg else None,
+                         "acc_lo": avg["ci95"][0] if avg else None, "acc_hi": avg["ci95"][1] if avg else None})
+    return pd.DataFrame(recs).set_index(["kind", "k"])
+
+
+def circuit_frame(rows: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """The circuit attacks (everything beyond Table 1) per model: perplexity and ratio to the intact model."""
+    table1_prefixes = ("base", "zero_top", "keep_top", "random_top")
+    recs = [{"model": key, "attack": name, "ppl": res["ppl"], "ppl_ratio": res["ppl"] / r["base"]["ppl"]}
+            for key, r in rows.items() for name, res in r.items() if not name.startswith(table1_prefixes)]
+    return pd.DataFrame(recs, columns=["model", "attack", "ppl", "ppl_ratio"]).set_index(["model", "attack"])
+
+
+NO_LAYER = "no detectable massive layer: the attacks refuse rather than zero an arbitrary layer"
+
+
+def circuit_attacks(model: torch.nn.Module, m: detection.Measurement, ranked: list[int], joint_k: int = 2) -> list[Attack]:
+    """The other ends of the circuit, for one model with a massive layer: the joint top-k of every layer
+    that writes the massive dim, SunMA's hidden-state zero / mean intervention, Yu et al.'s super weight,
+    and (families with a post-FFN norm) silencing the norm gain at the largest dim vs a random dim."""
+    r = m.report
+    dims = r.hidden_dims
+    mean = m.windows.pos0["hidden"][:, r.layer, dims].mean(0).tolist()
+    attacks = [hidden_intervention(r.layer, dims, [0.0] * len(dims), "sun_zero"),
+               hidden_intervention(r.layer, dims, mean, "sun_mean"),
+               Attack("super_weight", "super", {"layer": r.layer, "hidden_dim": dims[0], "channel": ranked[0]})]
+    writers = writer_layers(m.prompts, dims[0], r.layer)
+    if len(writers) > 1:
+        attacks.append(joint_top(m.prompts, writers, joint_k))
+    if m.post_norm is not None:
+        dim = detection.largest_hidden_dim(m.prompts)
+        gain, median = torch.tensor(m.post_norm["gain"]).abs(), torch.tensor(m.post_norm["median_gain"])
+        layers = (gain >= 10 * median).nonzero().flatten().tolist()
+        width = len(m.prompts.pos0["hidden"][0, 0])
+        control = edits.random_channels(width, 1, seed=0, exclude=[dim])[0]
+        attacks += [Attack("norm_gain_zero", "norm_gain", {"layers": layers, "dim": dim, "gain": 0.0}),
+                    Attack("norm_gain_zero_random_dim", "norm_gain", {"layers": layers, "dim": control, "gain": 0.0})]
+    return attacks
+
+
+def k_sweep(layer: int, ranked: list[int], ks: tuple[int, ...], width: int, seed: int = 0) -> list[Attack]:
+    """HoC Fig. 4: zero / keep-only / random for every k (k = 0: base for zero and random, no FFN for keep)."""
+    return [a for k in ks for a in (zero_top(layer, ranked, k), keep_top(layer, ranked, k, width),
+                                    random_k(layer, k, seed, width, ranked[:max(ks)]))]
+
+
+def attack_model(key: str, cfg) -> tuple[detection.Measurement, list[int], dict[str, dict], torch.Tensor]:
+    """Notebook 02 for one model (``cfg``: its profile): load it, detect (notebook 01's criterion) and rank the
+    massive layer's channels up to the largest k of the sweep, evaluate and record HoC Table 1's rows, then the
+    circuit attacks (models with a massive layer). Returns (measurement, ranked channels, rows, windows)."""
+    model, tok = models.load_model(key)
+    record_model(key)
+    windows = data.token_windows(tok, key, cfg.corpus, cfg.n_windows, cfg.window_len)
+    m = detection.measure(model, tok, key, cfg.prompts, windows, cfg.k, cfg.batch_size)
+    r = m.report
+    ranked = detection.top_channels(m.prompts.pos0["inter"], r.layer, max(cfg.k_grid))[0] if r.found else []
+    rows = table1_rows(model, tok, key, r, ranked, windows, cfg.k, cfg.seeds, cfg.tasks, cfg.n_items,
+                       cfg.batch_size, cfg.eval_batch_size)
+    record_table1(key, rows, cfg.k, reason=None if r.found else NO_LAYER)
+    if r.found:
+        rows.update({a.name: evaluate(model, tok, key, a, windows, batch_size=cfg.batch_size)
+                     for a in circuit_attacks(model, m, ranked)})
+    del model
+    return m, ranked, rows, windows
+
+
+def table7_frame(measured: dict[str, detection.Measurement], ranked: dict[str, list[int]], k: int) -> pd.DataFrame:
+    """HoC Table 7 for the models run: massive layer, top-5 channels, hidden dims and the 2·k·d attacked weights."""
+    return pd.DataFrame({key: {"massive layer (0-based)": m.report.layer, "top-5 channels": ranked[key][:5],
+                               "hidden dims": m.report.hidden_dims,
+                               "params attacked (2·k·d)": 2 * k * len(m.prompts.pos0["hidden"][0, 0])
+                               if m.report.found else None}
+                         for key, m in measured.items()}).T
+
+
+def record_table7(measured: dict[str, detection.Measurement], ranked: dict[str, list[int]], k: int) -> None:
+    """``M/table7/top5``: the top-5 channels of each model's massive layer (``null`` without one); then, per model,
+    ``M/table7/massive_layer`` and ``M/table7/params_attacked`` (the 2·k·d weights of the top-k attack)."""
+    for key in measured:
+        record(f"{key}/table7/top5", ranked[key][:5] or None, paper_ref="HoC Table 7",
+               note="0-based channels at the massive layer")
+    for key, m in measured.items():
+        record(f"{key}/table7/massive_layer", m.report.layer, note="0-based; null: no massive layer")
+        record(f"{key}/table7/params_attacked",
+               2 * k * len(m.prompts.pos0["hidden"][0, 0]) if m.report.found else None,
+               note=f"2·k·d up/gate weights zeroed by the top-{k} attack")
+
+
+def run_sweep(key: str, cfg, windows: torch.Tensor, layer: int, ranked: list[int]) -> pd.DataFrame:
+    """HoC Fig. 4 on ``key`` (``cfg``: notebook 02's profile): every attack of ``k_sweep`` on the same windows,
+    perplexity for all and the sweep tasks' accuracy for zero and keep-only; ``sweep_frame`` of the results."""
+    model, tok = models.load_model(key)
+    width = arch.intermediate_size(model, layer)
+    sweep = {a.name: evaluate(model, tok, key, a, windows, () if a.name.startswith("random") else cfg.sweep_tasks,
+                              cfg.sweep_n_items, cfg.batch_size, eval_batch_size=cfg.eval_batch_size)
+             for a in k_sweep(layer, ranked, cfg.k_grid, width)}
+    del model
+    return sweep_frame(sweep, cfg.k_grid)
+
+
+def record_sweep(key: str, frame: pd.DataFrame, ks: tuple[int, ...], tasks: tuple[str, ...], n_items) -> None:
+    """``M/sweep/<kind>/ppl`` for zero, keep and random and ``M/sweep/<kind>/acc`` for zero and keep (lists over
+    ``ks``, HoC Fig. 4)."""
+    for kind in ("zero", "keep", "random"):
+        record(f"{key}/sweep/{kind}/ppl", frame.loc[kind, "ppl"].tolist(), note=f"k = {list(ks)}")
+        if kind != "random":
+            record(f"{key}/sweep/{kind}/acc", frame.loc[kind, "acc"].tolist(),
+                   note=f"k = {list(ks)}; tasks {list(tasks)}, {n_items} items each")
+
+
+def record_circuit(frame: pd.DataFrame) -> None:
+    """``M/circuit/<attack>/ppl_ratio`` for every circuit attack of ``circuit_frame``."""
+    for (key, attack), ratio in frame["ppl_ratio"].items():
+        record(f"{key}/circuit/{attack}/ppl_ratio", ratio)

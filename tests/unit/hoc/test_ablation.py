@@ -1,0 +1,192 @@
+"""common.hoc.ablation's notebook-02 functions: one model attacked end to end (no zero-shot tasks), Table 7,
+the k-sweep and the circuit records.
+
+Ablation experiments: attack data -> contexts, Table 1 rows and records, the k-sweep, the circuit
+attacks and the result cache, on the planted tiny Llama (no real model, no zero-shot tasks)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pandas as pd
+import pytest
+import torch
+
+from common.core import capture, data, manifest, models
+from common.core.models import PLANT
+from common.core.profiles import load_config
+from common.hoc import ablation, detection, edits
+
+CFG = types.SimpleNamespace(corpus="synthetic", n_windows=2, window_len=32, prompts=("Summer is warm.", "I am here."),
+                            k=2, batch_size=2, eval_batch_size=2, k_grid=(0, 1, 2), seeds=(0,), tasks=(), n_items=0,
+                            sweep_tasks=(), sweep_n_items=0)
+
+
+@pytest.fixture
+def attacked(records):
+    return ablation.attack_model("tiny-llama", CFG)
+
+
+def test_attack_model_records_table1_and_runs_the_circuit(attacked, records) -> None:
+    m, ranked, rows, windows = attacked
+    assert m.report.found and len(ranked) == max(CFG.k_grid) and windows.shape == (2, 32)
+    assert {"base", "zero_top2", "keep_top2", "random_top2_s0", "sun_zero", "super_weight"} <= set(rows)
+    ablation.record_table1("tiny-llama", rows, CFG.k)
+    assert records()["tiny-llama/ppl/zero_top2"]["value"] == rows["zero_top2"]["ppl"]
+
+
+def test_table7_frame_and_records(attacked, records) -> None:
+    m, ranked, _, _ = attacked
+    frame = ablation.table7_frame({"tiny-llama": m}, {"tiny-llama": ranked}, CFG.k)
+    d = len(m.prompts.pos0["hidden"][0, 0])
+    assert frame.loc["tiny-llama", "params attacked (2·k·d)"] == 2 * CFG.k * d
+    ablation.record_table7({"tiny-llama": m}, {"tiny-llama": ranked}, CFG.k)
+    recs = records()
+    assert recs["tiny-llama/table7/top5"]["value"] == ranked[:5]
+    assert recs["tiny-llama/table7/massive_layer"]["value"] == m.report.layer
+    assert recs["tiny-llama/table7/params_attacked"]["value"] == 2 * CFG.k * d
+
+
+def test_run_sweep_and_record_sweep(attacked, records) -> None:
+    m, ranked, rows, windows = attacked
+    frame = ablation.run_sweep("tiny-llama", CFG, windows, m.report.layer, ranked)
+    assert frame.loc[("zero", 0), "ppl"] == pytest.approx(rows["base"]["ppl"])
+    ablation.record_sweep("tiny-llama", frame, CFG.k_grid, CFG.sweep_tasks, CFG.sweep_n_items)
+    recs = records()
+    assert recs["tiny-llama/sweep/keep/ppl"]["value"] == frame.loc["keep", "ppl"].tolist()
+    assert "tiny-llama/sweep/random/acc" not in recs and recs["tiny-llama/sweep/zero/ppl"]["note"] == "k = [0, 1, 2]"
+
+
+def test_record_circuit(records) -> None:
+    frame = pd.DataFrame([{"model": "m", "attack": "sun_zero", "ppl": 10.0, "ppl_ratio": 5.0}]).set_index(
+        ["model", "attack"])
+    ablation.record_circuit(frame)
+    assert records()["m/circuit/sun_zero/ppl_ratio"]["value"] == 5.0
+
+
+@pytest.fixture
+def planted():
+    model, tok = models.load_model("tiny-llama")
+    windows = data.token_windows(tok, "tiny-llama", "synthetic", 4, 32)
+    m = detection.measure(model, tok, "tiny-llama", ("Summer is warm.", "I am here."), windows, k=5)
+    ranked = detection.top_channels(m.prompts.pos0["inter"], m.report.layer, 20)[0]
+    return model, tok, windows, m, ranked
+
+
+def test_table1_rows_zero_breaks_keep_and_random_do_not(planted):
+    model, tok, windows, m, ranked = planted
+    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0, 1), (), 0, 2, 2)
+    assert set(rows) == {"base", "zero_top1", "keep_top1", "random_top1_s0", "random_top1_s1"}
+    base = rows["base"]["ppl"]
+    assert rows["zero_top1"]["ppl"] > 1.05 * base
+    assert abs(rows["random_top1_s0"]["ppl"] / base - 1) < abs(rows["zero_top1"]["ppl"] / base - 1)
+    frame = ablation.table1_frame({"tiny-llama": rows}, 1)
+    assert frame.loc[("tiny-llama", "random_top1"), "ppl"] == pytest.approx(
+        (rows["random_top1_s0"]["ppl"] + rows["random_top1_s1"]["ppl"]) / 2)
+    assert frame.loc[("tiny-llama", "base"), "ppl_ratio"] == 1.0
+
+
+def test_record_table1_writes_required_keys_and_refusal_nulls(planted, tmp_path):
+    model, tok, windows, m, ranked = planted
+    manifest.start(types.SimpleNamespace(notebook="02", profile="smoke", seed=0, out_dir=tmp_path))
+    rows = ablation.table1_rows(model, tok, "tiny-llama", m.report, ranked, windows, 1, (0,), (), 0, 2, 2)
+    ablation.record_table1("tiny-llama", rows, 1)
+    ablation.record_table1("other", {"base": rows["base"]}, 1, reason=ablation.NO_LAYER)
+    recs = {r["key"]: r for r in json.loads((tmp_path / "manifest.json").read_text())["records"]}
+    for row in ("base", "zero_top1", "keep_top1", "random_top1"):
+        assert recs[f"tiny-llama/ppl/{row}"]["value"] > 1
+        assert f"tiny-llama/acc/{row}" in recs
+    assert recs["other/ppl/zero_top1"]["value"] is None and "refuse" in recs["other/ppl/zero_top1"]["note"]
+    assert recs["other/ppl/base"]["value"] == rows["base"]["ppl"]
+
+
+def test_no_massive_layer_evaluates_only_base():
+    model, tok = models.load_model("tiny-gpt2")
+    windows = data.token_windows(tok, "tiny-gpt2", "synthetic", 2, 32)
+    m = detection.measure(model, tok, "tiny-gpt2", ("Hello there.",), windows)
+    rows = ablation.table1_rows(model, tok, "tiny-gpt2", m.report, [], windows, 5, (0,), (), 0, 2, 2)
+    assert list(rows) == ["base"]
+
+
+def test_k_sweep_shapes_and_k0_semantics(planted):
+    model, _, _, m, ranked = planted
+    width = 192
+    attacks = {a.name: a for a in ablation.k_sweep(1, ranked, (0, 1, 3), width)}
+    assert attacks["zero_top0"].kind == "base" and attacks["random_top0_s0"].kind == "base"
+    assert len(attacks["keep_top0"].params["channels"][1]) == width  # k = 0 keep-only removes the FFN
+    assert attacks["zero_top3"].params["channels"][1] == ranked[:3]
+    assert not set(attacks["random_top3_s0"].params["channels"][1]) & set(ranked[:3])
+    assert len(attacks["keep_top3"].params["channels"][1]) == width - 3
+
+
+def test_evaluate_is_cached_and_restores_the_model(planted, monkeypatch):
+    model, tok, windows, _, ranked = planted
+    attack = ablation.zero_top(1, ranked, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = ablation.evaluate(model, tok, "tiny-llama", attack, windows, batch_size=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    monkeypatch.setattr(ablation.evaluation, "perplexity", lambda *a, **k: pytest.fail("not cached"))
+    assert ablation.evaluate(model, tok, "tiny-llama", attack, windows, batch_size=2) == first
+
+
+def test_perplexity_and_zero_shot_get_their_own_batch_sizes(planted, monkeypatch):
+    """A 4096-token window and a 60-token lm-eval request need different batches (issue 18: lm-eval ran the
+    paper's five tasks at the perplexity batch of 1); the tasks' batch size is part of the cache key."""
+    model, tok, windows, _, ranked = planted
+    seen = {}
+
+    def ppl(model, windows, batch_size):
+        seen["ppl"] = batch_size
+        return 1.0
+
+    def zero_shot(model, tok, tasks, n_items, seed, batch_size, prepend_bos):
+        seen.setdefault("zero_shot", []).append(batch_size)
+        return {t: {"acc": 0.5, "correct": [1.0, 0.0], "chance": 0.5} for t in tasks}
+
+    monkeypatch.setattr(ablation.evaluation, "perplexity", ppl)
+    monkeypatch.setattr(ablation.evaluation, "zero_shot", zero_shot)
+    ablation.evaluate(model, tok, "tiny-llama", ablation.BASE, windows, ("commonsense",), 4, 1, eval_batch_size=16)
+    assert seen == {"ppl": 1, "zero_shot": [16]}
+    ablation.evaluate(model, tok, "tiny-llama", ablation.BASE, windows, ("commonsense",), 4, 1, eval_batch_size=8)
+    assert seen["zero_shot"] == [16, 8]  # another key, not the cached 16
+    paper = load_config("02_massive_weight_ablation", "paper")
+    assert paper.batch_size == 1 and paper.eval_batch_size >= 16
+
+
+def test_unknown_attack_kind_lists_the_known_ones(planted):
+    with pytest.raises(ValueError, match="channels"):
+        ablation.Attack("x", "nope").context(planted[0])
+
+
+def test_writer_layers_and_circuit_attacks(planted):
+    model, tok, windows, m, ranked = planted
+    assert ablation.writer_layers(m.prompts, PLANT["hidden_dim"], PLANT["layer"]) == [PLANT["layer"]]
+    names = [a.name for a in ablation.circuit_attacks(model, m, ranked)]
+    assert names == ["sun_zero", "sun_mean", "super_weight"]  # one writer layer: no joint attack
+    ppl = {a.name: ablation.evaluate(model, tok, "tiny-llama", a, windows, batch_size=2)["ppl"]
+           for a in [ablation.BASE, *ablation.circuit_attacks(model, m, ranked)]}
+    assert abs(ppl["sun_mean"] / ppl["base"] - 1) < abs(ppl["sun_zero"] / ppl["base"] - 1)
+    assert ppl["super_weight"] != ppl["base"]
+
+
+def test_joint_top_zeroes_every_layer(planted):
+    model, tok, _, m, _ = planted
+    attack = ablation.joint_top(m.prompts, [0, 1], 2)
+    assert set(attack.params["channels"]) == {0, 1}
+    ids = models.encode(tok, "tiny-llama", "Hi")
+    with attack.context(model):
+        inter = capture.capture(model, [ids], points=("inter",)).pos0["inter"][0]
+    for layer, chans in attack.params["channels"].items():
+        assert torch.all(inter[layer, chans] == 0)
+
+
+def test_table1_refuses_a_model_without_massive_layer():
+    report = detection.MassiveReport(None, [], [], [], [None], 0, [], 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="no detectable massive layer"):
+        ablation.table1(report, [], 5, 192, (0,))
+
+
+def test_all_but_is_the_complement():
+    assert edits.all_but([3, 1], 5) == [0, 2, 4]
+    assert edits.all_but([], 3) == [0, 1, 2]

@@ -1,0 +1,137 @@
+"""Notebook 05's record functions and helpers in ``common.sfsd.experiments`` on planted values."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.core import evaluation, manifest, profiles
+from common.sfsd import experiments, paper
+
+
+@pytest.fixture
+def records(tmp_path):
+    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
+    return lambda: {r["key"]: r for r in manifest.load(manifest.current().path)["records"]}
+
+
+def test_record_mean_diagnosis(records) -> None:
+    """Per kind, the ratios sorted by layer; then the massive layer."""
+    diag = pd.DataFrame({"layer": [5, 4, 4, 5], "kind": ["q", "q", "up", "up"], "ratio": [2.0, 1.0, 0.5, 0.25]})
+    experiments.record_mean_diagnosis("m", diag, 3)
+    rec = records()
+    assert list(rec) == ["m/lowrank/meancomp/q/lost_mean_over_var", "m/lowrank/meancomp/up/lost_mean_over_var",
+                         "m/lowrank/meancomp/massive_layer"]
+    assert rec["m/lowrank/meancomp/q/lost_mean_over_var"]["value"] == [1.0, 2.0]
+    assert rec["m/lowrank/meancomp/up/lost_mean_over_var"]["value"] == [0.5, 0.25]
+    assert rec["m/lowrank/meancomp/massive_layer"]["value"] == 3
+
+
+def test_record_mean_term_ablation(records) -> None:
+    experiments.record_mean_term_ablation("m", {"none": 10.0, "q": 11.0, "all": 100.0})
+    rec = records()
+    assert {k: r["value"] for k, r in rec.items()} == {"m/lowrank/meancomp/drop_none/ppl": 10.0,
+                                                       "m/lowrank/meancomp/drop_q/ppl": 11.0,
+                                                       "m/lowrank/meancomp/drop_all/ppl": 100.0}
+
+
+def test_record_search_noise_returns_the_first_module_count_above_2se(records) -> None:
+    """m log t > 2 SE first at m = ceil(2 SE / log t) (strictly above), returned and recorded."""
+    t, se = 1.005, 0.02
+    first = experiments.record_search_noise("m", {"se": se, "log_ratio": -0.1, "windows": 4}, t)
+    assert first == math.floor(2 * se / math.log(t)) + 1
+    rec = records()
+    assert rec["m/lowrank/search/noise_se"]["value"] == se
+    assert rec["m/lowrank/search/noise_log_ratio"]["value"] == -0.1
+    assert rec["m/lowrank/search/noise_relative_se"]["value"] == pytest.approx(0.2)
+    assert rec["m/lowrank/search/bound_above_2se_after"]["value"] == first
+    assert experiments.record_search_noise("m", {"se": 10.0, "log_ratio": 1.0, "windows": 4}, t) is None
+
+
+def test_record_search(records) -> None:
+    """Rank map (NaN -> null), thirds, last - first third, share, the last accepted score, test ppl, evaluations."""
+    ranks = np.array([[1.0, 0.5], [0.5, np.nan], [0.25, 0.25]])
+    frame = pd.DataFrame({"share": [0.9, 0.8], "score": [12.0, None], "bound": [12.5, 12.6], "evaluated": [3, 4]})
+    state = SimpleNamespace(base={"ppl": 10.0})
+    third = experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], [{"value": 20.0}], "bisect")
+    assert third == [0.75, 0.5, 0.25]
+    rec = records()
+    assert rec["m/lowrank/search/ranks"]["value"] == [[1.0, 0.5], [0.5, None], [0.25, 0.25]]
+    assert rec["m/lowrank/search/rank_fraction_thirds"]["value"] == third
+    assert rec["m/lowrank/search/last_minus_first_third"]["value"] == -0.5
+    assert rec["m/lowrank/search/whole_model_pct"]["value"] == pytest.approx(80.0)
+    assert rec["m/lowrank/search/ppl_search"]["value"] == 12.0
+    assert rec["m/lowrank/search/ppl_test"]["value"] == 20.0
+    assert rec["m/lowrank/search/evaluations"]["value"] == 7
+    frame["score"] = [None, None]
+    experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], [{"value": 20.0}], "bisect")
+    assert records()["m/lowrank/search/ppl_search"]["value"] == 10.0  # nothing accepted: the dense score
+
+
+def test_record_task_search(records) -> None:
+    """Trajectories, dense test accuracy, final differences (the paper's Table B value beside), share, modules."""
+    frame = pd.DataFrame({"modules": [7, 14], "share": [0.99, 0.98], "search": [0.6, 0.65], "test": [0.7, 0.6]})
+    state = SimpleNamespace(steps=[{"rank": 3}, {"rank": None}, {"rank": 1}])
+    experiments.record_task_search("m", "wiki_mc", frame, {"search": 0.6, "test": 0.65}, state)
+    rec = records()
+    base = "m/lowrank/task_search/wiki_mc"
+    assert rec[f"{base}/search_acc"]["value"] == [0.6, 0.65] and rec[f"{base}/test_acc"]["value"] == [0.7, 0.6]
+    assert rec[f"{base}/dense_test_acc"]["value"] == 0.65
+    assert rec[f"{base}/test_minus_dense"]["value"] == pytest.approx(-0.05)
+    assert rec[f"{base}/test_minus_dense"]["paper_value"] == paper.TASK_SEARCH_TEST_MINUS_DENSE
+    assert rec[f"{base}/search_minus_dense"]["value"] == pytest.approx(0.05)
+    assert rec[f"{base}/whole_model_pct"]["value"] == pytest.approx(98.0)
+    assert rec[f"{base}/modules_compressed"]["value"] == 2
+
+
+def test_trajectory_marks_and_task_layers() -> None:
+    """About four layer ends counted back from the last decision; the task search's layers."""
+    state = SimpleNamespace(steps=[{"layer": layer} for layer in (9, 9, 8, 8, 7, 7, 6, 6, 5, 5)])
+    assert experiments.layer_ends(state) == [2, 4, 6, 8, 10]
+    assert experiments.trajectory_marks(state) == [2, 4, 6, 8, 10]
+    state = SimpleNamespace(steps=[{"layer": layer} for layer in range(20, 0, -1)])
+    assert experiments.trajectory_marks(state) == [5, 10, 15, 20]
+    assert experiments.task_layers([2, 3, 4, 5], None) == [2, 3, 4, 5]
+    assert experiments.task_layers([2, 3, 4, 5], 2) == [4, 5]
+
+
+def test_task_scorers_score_each_split_in_order(monkeypatch) -> None:
+    """Chunks, then the search split, then the test split, each with the same metric, batch and cached layers."""
+    calls = []
+    monkeypatch.setattr(evaluation, "multiple_choice",
+                        lambda model, tok, key, docs, metric, batch, keep: calls.append((docs, metric, batch, keep))
+                        or len(calls))
+    splits = experiments.TaskSplits([["a"], ["b"]], ["a", "b"], ["c"])
+    chunks, split_mc, test_mc = experiments.task_scorers(None, None, "m", splits, "acc_norm", [0, 3])
+    assert (chunks, split_mc, test_mc) == ([1, 2], 3, 4)
+    assert [c[0] for c in calls] == [["a"], ["b"], ["a", "b"], ["c"]]
+    assert {(c[1], c[2], tuple(c[3])) for c in calls} == {("acc_norm", 16, (0, 3))}
+
+
+def test_task_trajectory(monkeypatch) -> None:
+    """Both splits re-scored at every layer end; the dense accuracies from the state and the test scorer."""
+    monkeypatch.setattr(experiments, "trajectory", lambda model, decomps, state, at, score: [
+        {"m": m, "share": 1 - m / 100, "value": score(m)} for m in at])
+    state = SimpleNamespace(steps=[{"layer": 5}, {"layer": 5}, {"layer": 4}], base={"split": 0.5})
+    split_mc, test_mc = SimpleNamespace(accuracy=lambda m: 0.5 + m / 100), SimpleNamespace(accuracy=lambda m: 0.7 - m / 100)
+    frame, dense = experiments.task_trajectory(None, {}, state, split_mc, test_mc)
+    assert frame.modules.tolist() == [2, 3] and frame.share.tolist() == [0.98, 0.97]
+    assert frame.search.tolist() == [0.52, 0.53] and frame.test.tolist() == pytest.approx([0.68, 0.67])
+    assert dense == {"search": 0.5, "test": 0.7}
+
+
+def test_load_and_decompose_and_describe(records) -> None:
+    """The smoke profile on tiny-llama: the model's weight identity, protected prefix, windows, decompositions."""
+    cfg = profiles.load_config("05_lowrank_decomposition", "smoke")
+    key = cfg.models[0]
+    run = experiments.load_and_decompose(key, cfg)
+    assert key in manifest.current().run["models"]
+    assert run["layers"] == list(range(run["protected"], run["layers"][-1] + 1)) and run["protected"] >= 1
+    assert {d.target.layer for d in run["decomps"].values()} == set(run["layers"])
+    assert run["test"].shape == (cfg.eval_windows, cfg.eval_len) and run["search"].shape[1] == cfg.search_len
+    line = experiments.describe(key, run)
+    assert line.startswith(f"{key}: ") and f"{len(run['decomps'])} modules decomposed" in line
