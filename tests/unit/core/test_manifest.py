@@ -1,12 +1,8 @@
-"""``common.core.profiles`` (profiles), ``common.core.manifest`` (atomic JSON records), ``common.core.evaluation``
-(perplexity) and ``common.core.style`` (deterministic figure files). Nothing is written into the repo."""
+"""``common.core.manifest``: atomic JSON records, run metadata, the summary. Nothing is written into the repo."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,138 +10,12 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from common import REPO_ROOT
-from common.core import data, env, evaluation, manifest, models, profiles, style
-from common.reporting import session
+from common.core import env, manifest, models
 
 NB = "01_massive_activation_origin"
-
-
-# --------------------------------------------------------------------------------------- config
-
-
-def test_unknown_profile_lists_known() -> None:
-    """An unknown profile raises ValueError naming the three profiles."""
-    with pytest.raises(ValueError, match="smoke, small, paper") as err:
-        profiles.load_config(NB, "huge")
-    assert "'huge'" in str(err.value)
-
-
-def test_unknown_notebook_lists_known() -> None:
-    """A notebook without a config in the profile raises ValueError naming the known notebooks."""
-    with pytest.raises(ValueError, match=NB) as err:
-        profiles.load_config("99_nope", "smoke")
-    assert "'99_nope'" in str(err.value)
-
-
-def test_load_config_fills_run_fields() -> None:
-    """The profile's row, with notebook/profile/seed filled in; profiles differ in data, not code."""
-    smoke = profiles.load_config(NB, "smoke", seed=7)
-    assert isinstance(smoke, profiles.MassiveOriginConfig)
-    assert (smoke.notebook, smoke.profile, smoke.seed) == (NB, "smoke", 7)
-    assert smoke.models == ("tiny-llama", "tiny-gpt2") and smoke.corpus == "synthetic"
-    small = profiles.load_config(NB, "small")
-    assert small.corpus == "wiki" and small.models != smoke.models and small.seed == 0
-    assert profiles.PROFILES["smoke"][NB].notebook == ""  # the table itself is not mutated
-
-
-def test_repro_profile_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """REPRO_PROFILE wins over the notebook's literal; an empty value does not."""
-    monkeypatch.setenv("REPRO_PROFILE", "small")
-    assert profiles.load_config(NB, "smoke").profile == "small"
-    assert profiles.resolve_profile("paper") == "small"
-    monkeypatch.setenv("REPRO_PROFILE", "bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        profiles.load_config(NB, "smoke")
-    monkeypatch.setenv("REPRO_PROFILE", "")
-    assert profiles.resolve_profile("paper") == "paper"
-
-
-def test_configs_are_frozen() -> None:
-    """Configs cannot be changed after loading."""
-    cfg = profiles.load_config(NB, "smoke")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.seed = 1  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.n_windows = 99  # type: ignore[misc]
-
-
-def test_out_dir_smoke_vs_committed() -> None:
-    """smoke writes under build/figures (not committed); small and paper under figures/."""
-    assert profiles.load_config(NB, "smoke").out_dir == REPO_ROOT / "build" / "figures" / "smoke" / NB
-    for profile in ("small", "paper"):
-        assert profiles.load_config(NB, profile).out_dir == REPO_ROOT / "figures" / profile / NB
-
-
-def test_seed_everything() -> None:
-    """Python, numpy and torch draws repeat after re-seeding and differ for another seed."""
-    def draws():
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-    env.seed_everything(3)
-    a = draws()
-    env.seed_everything(3)
-    assert draws() == a
-    env.seed_everything(4)
-    assert draws() != a
-
-
-def test_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """$REPRO_CACHE wins; otherwise build/cache in the repo."""
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "c"))
-    assert env.cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("REPRO_CACHE")
-    assert env.cache_dir() == REPO_ROOT / "build" / "cache"
-
-
-def test_setup_seeds_starts_manifest_and_styles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture) -> None:
-    """``setup`` returns the config, seeds, starts the manifest in out_dir and applies the figure style."""
-    monkeypatch.setattr(profiles, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(session, "REPO_ROOT", tmp_path)
-    with matplotlib.rc_context():
-        cfg = session.setup(NB, "smoke", seed=11)
-        assert plt.rcParams["pdf.fonttype"] == 42
-    first = torch.rand(1)
-    assert cfg.out_dir == tmp_path / "build" / "figures" / "smoke" / NB
-    saved = manifest.load(cfg.out_dir / "manifest.json")
-    assert saved["notebook"] == NB and saved["profile"] == "smoke" and saved["run"]["seed"] == 11
-    assert manifest.current().path == cfg.out_dir / "manifest.json"
-    assert "profile=smoke" in capsys.readouterr().out
-    env.seed_everything(11)
-    assert torch.equal(torch.rand(1), first)
-
-
-def test_setup_checks_the_memory_plan_on_a_gpu_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a GPU, ``setup`` refuses a notebook whose planned peak does not fit, before any work (no manifest
-    written), naming what to change; one that fits gets the prediction in its manifest's run block. Without a
-    GPU nothing is planned."""
-    from common.core import gpu
-
-    monkeypatch.setattr(profiles, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(session, "REPO_ROOT", tmp_path)
-    nb02 = "02_massive_weight_ablation"
-    monkeypatch.setattr(gpu, "gpu_memory", lambda: [8 * gpu.GiB])
-    with pytest.raises(MemoryError, match=r"needs ~.* GiB but the GPU has 8.0 GiB .* use "):
-        session.setup(nb02, "paper")
-    assert not (tmp_path / "figures").exists()
-    monkeypatch.setattr(gpu, "gpu_memory", lambda: [80 * gpu.GiB])
-    with matplotlib.rc_context():
-        cfg = session.setup(nb02, "smoke")
-    plan = manifest.load(cfg.out_dir / "manifest.json")["run"]["plan"]
-    assert plan["peak_gpu_mb"] > 0 and plan["peak_step"] in ("perplexity", "zero-shot")
-    monkeypatch.setattr(gpu, "gpu_memory", lambda: [])
-    with matplotlib.rc_context():
-        cfg = session.setup(nb02, "smoke")
-    assert "plan" not in manifest.load(cfg.out_dir / "manifest.json")["run"]
-
-
-# ------------------------------------------------------------------------------------- manifest
 
 
 def _cfg(tmp_path: Path) -> SimpleNamespace:
@@ -282,117 +152,6 @@ def test_summary_stores_the_runs_cost(tmp_path: Path) -> None:
     del ballast
 
 
-# ----------------------------------------------------------------------------------- evaluation
-
-
-class _LogitModel(nn.Module):
-    """Returns ``make_logits(ids)`` as ``.logits``; one parameter so ``next(parameters())`` works."""
-
-    def __init__(self, make_logits):
-        super().__init__()
-        self.p = nn.Parameter(torch.zeros(1))
-        self.make_logits = make_logits
-
-    def forward(self, input_ids, use_cache=False):
-        return SimpleNamespace(logits=self.make_logits(input_ids))
-
-
-def _windows(n=6, t=9, vocab=13, seed=0) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def test_perplexity_uniform_is_vocab_size() -> None:
-    """Uniform predictions over V tokens have perplexity exactly V."""
-    vocab = 13
-    model = _LogitModel(lambda ids: torch.zeros(*ids.shape, vocab))
-    assert evaluation.perplexity(model, _windows(vocab=vocab)) == pytest.approx(vocab, rel=1e-6)
-
-
-def test_perplexity_scores_next_token() -> None:
-    """A model that puts its mass on the *next* token has perplexity ~1; one that predicts the current
-    token (off by one) has a large one: position t is scored against token t+1."""
-    vocab = 13
-    ids = _windows(vocab=vocab)
-
-    def oracle(shift):
-        def make(x):
-            target = torch.roll(x, -shift, dims=1)
-            return 30.0 * nn.functional.one_hot(target, vocab).float()
-        return make
-
-    assert evaluation.perplexity(_LogitModel(oracle(1)), ids) == pytest.approx(1.0, abs=1e-6)
-    assert evaluation.perplexity(_LogitModel(oracle(0)), ids) > vocab
-
-
-def test_perplexity_tiny_llama_finite_and_batch_invariant(tiny_llama) -> None:
-    """On tiny-llama: finite and > 1, and the same for batch size 1 and 4."""
-    model, tok = tiny_llama
-    windows = data.token_windows(tok, "tiny-llama", "synthetic", 5, 32)
-    p4 = evaluation.perplexity(model, windows, batch_size=4)
-    p1 = evaluation.perplexity(model, windows, batch_size=1)
-    assert math.isfinite(p4) and p4 > 1
-    assert p1 == pytest.approx(p4, rel=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(10,), (3, 1), (2, 3, 4)])
-def test_perplexity_bad_shape(shape) -> None:
-    """Windows must be [N, T] with T >= 2."""
-    model = _LogitModel(lambda ids: torch.zeros(*ids.shape, 5))
-    with pytest.raises(ValueError, match="windows must be"):
-        evaluation.perplexity(model, torch.zeros(shape, dtype=torch.long))
-
-
-# ------------------------------------------------------------------------------------- plotting
-
-
-def _figure() -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(3, 2))
-    ax.plot([0, 1, 2], [1, 3, 2], label="tiny-llama")
-    ax.set_title("test")
-    ax.legend()
-    return fig
-
-
-def test_save_figure_requires_manifest() -> None:
-    """Figures go to the active notebook's directory: none active, no save."""
-    fig = _figure()
-    try:
-        with pytest.raises(RuntimeError):
-            style.save_figure(fig, "figX_test")
-    finally:
-        plt.close(fig)
-
-
-def test_save_figure_png_pdf_deterministic(tmp_path: Path) -> None:
-    """PNG and PDF are written to out_dir, the PNG path is returned and listed, and saving again gives
-    byte-identical files (no timestamps in the PDF)."""
-    manifest.start(_cfg(tmp_path))
-    fig = _figure()
-    try:
-        png = style.save_figure(fig, "figX_test")
-        pdf = png.with_suffix(".pdf")
-        first_pdf, first_png = pdf.read_bytes(), png.read_bytes()
-        style.save_figure(fig, "figX_test")
-    finally:
-        plt.close(fig)
-    assert png == tmp_path / "out" / "figX_test.png"
-    assert first_png.startswith(b"\x89PNG") and first_pdf.startswith(b"%PDF")
-    assert b"CreationDate" not in first_pdf
-    assert pdf.read_bytes() == first_pdf
-    assert png.read_bytes() == first_png
-    assert "figX_test.png" in manifest.current().figures
-
-
-def test_apply_style_and_names() -> None:
-    """The style sets TrueType PDF fonts; registry keys get display names and a fixed colour each."""
-    with matplotlib.rc_context():
-        plt.rcParams["pdf.fonttype"] = 3
-        style.apply_style()
-        assert plt.rcParams["pdf.fonttype"] == 42 and plt.rcParams["savefig.bbox"] == "tight"
-    assert style.display_name("tiny-llama") == models.REGISTRY["tiny-llama"].display
-    assert style.display_name("unregistered") == "unregistered"
-    assert set(style.MODEL_COLORS) == set(models.REGISTRY)
-    assert style.MODEL_COLORS["tiny-llama"] != style.MODEL_COLORS["tiny-gpt2"]
 
 
 def test_record_converts_inside_dicts(tmp_path: Path) -> None:
@@ -411,13 +170,3 @@ def test_unserialisable_record_does_not_poison_the_manifest(tmp_path: Path) -> N
     manifest.record("m/good", 1)
     keys = [r["key"] for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["records"]]
     assert keys == ["m/good"]
-
-
-def test_manifest_is_world_readable_and_lists_figures_once(tmp_path: Path) -> None:
-    manifest.start(_cfg(tmp_path))
-    fig = _figure()
-    style.save_figure(fig, "figY")
-    style.save_figure(fig, "figY")
-    path = tmp_path / "out" / "manifest.json"
-    assert path.stat().st_mode & 0o044 == 0o044
-    assert json.loads(path.read_text())["figures"] == ["figY.png"]
