@@ -220,10 +220,10 @@ def adapter_params(shape: Shape, rank: int) -> int:
 
 
 def decomposition_bytes(shape: Shape, layers: int, vector_bytes: int) -> int:
-    """Host memory and cache bytes of SFSD decompositions of ``layers`` layers (``lowrank._decompose``): per
+    """Host memory and cache bytes of SFSD decompositions of ``layers`` layers (``decomposition.decompose_target``): per
     projection m x n, k = min(kappa, m) centred output eigenvectors [m, k] in float32; k uncentred ones and the
     kappa singular vectors of the narrow side [min(m, n), kappa] at ``vector_bytes`` each
-    (``lowrank.vector_dtype``); in float32 the output mean [m], the singular values [min(m, n)] and both
+    (``decomposition.vector_dtype``); in float32 the output mean [m], the singular values [min(m, n)] and both
     spectra's eigenvalues (m each when m <= n, else n and n + 1: the narrow side's eigenproblem). A
     calibration set with fewer tokens than a module's width stores fewer eigenvectors (its rank)."""
     total = 0
@@ -303,7 +303,7 @@ def task_requests(tasks: tuple[str, ...], n_items: int | None) -> list[tuple[int
 
 def padded_tokens(tasks: tuple[str, ...], n_items: int | None) -> int:
     """Tokens the cached scorer holds per layer for ``tasks``: each batch of requests runs to its own longest
-    (``lowrank.LayerInputs``), taken as twice the mean request (at most the task's longest)."""
+    (``layer_inputs.LayerInputs``), taken as twice the mean request (at most the task's longest)."""
     return sum(reqs * min(longest, 2 * mean) for reqs, mean, longest in task_requests(tasks, n_items))
 
 
@@ -374,7 +374,7 @@ def plan_lowrank(cfg, shapes: dict[str, Shape], dtype: torch.dtype) -> list[Step
     factorised copies of one model's modules while swapped in (at most its dense size again), one batch's
     forward with fp32 logits, the float64 temporaries of one module's decomposition (weight, its projection,
     the Gram and eigenvectors). On the host: the decompositions (also in the cache) and the cached layer inputs
-    (``lowrank.LayerInputs`` keeps them there) of the evaluation windows, which the notebook keeps for every model,
+    (``layer_inputs.LayerInputs`` keeps them there) of the evaluation windows, which the notebook keeps for every model,
     and, while they are used, the zero-shot requests (one layer), the search windows (every layer) and the task
     search's chunks, search split and test split (120% of its docs, every ``cache_every``-th searched layer)."""
     steps, held = [], 0

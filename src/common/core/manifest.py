@@ -72,7 +72,7 @@ _CURRENT: Manifest | None = None
 
 
 def start(cfg) -> Manifest:
-    """Begin a fresh manifest for a notebook run (called by ``config.setup``)."""
+    """Begin a fresh manifest for a notebook run (called by ``reporting.session.setup``)."""
     global _CURRENT
     _CURRENT = Manifest(cfg.notebook, cfg.profile, cfg.out_dir, run_metadata(cfg.seed))
     _CURRENT.save()
