@@ -6,6 +6,7 @@ Nothing here touches the network, the real models or the wiki corpus.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 from tiny_families import build_tiny, single_thread
@@ -55,3 +56,11 @@ def tiny_gpt2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
 def byte_tok() -> PreTrainedTokenizerFast:
     """The in-process byte-level tokenizer."""
     return models.byte_tokenizer()
+
+
+@pytest.fixture
+def records(tmp_path) -> Callable[[], dict[str, dict]]:
+    """Start a manifest under ``tmp_path``; call the fixture's value to read its records by key, in record order
+    (the record functions of every paper package are tested through it)."""
+    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
+    return lambda: {r["key"]: r for r in manifest.load(manifest.current().path)["records"]}

@@ -6,7 +6,6 @@ the batched path equals the per-head SVD reference; aggregation; capture on real
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from common.core.profiles import GPTConfig
 from common.inheritune import attention, paper
 from common.inheritune.attention import AttentionStats, capture_attention, head_metrics, head_metrics_loop
 from common.inheritune.gpt import GPT
-
-
-def _start(tmp_path) -> dict:
-    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
-    return {}
-
-
-def _records() -> dict[str, dict]:
-    return {r["key"]: r for r in manifest.load(manifest.current().path)["records"]}
 
 
 def _planted_stats(n_layers: int = 3, seed: int = 0) -> AttentionStats:
@@ -50,12 +40,11 @@ def test_example_layers_picks_the_early_peak_and_the_lowest_layer() -> None:
     assert attention.example_layers(_planted_rank([2.0])) == [0, 0]
 
 
-def test_record_pretrained_records_the_massive_layer_and_the_papers_curves(tmp_path) -> None:
+def test_record_pretrained_records_the_massive_layer_and_the_papers_curves(records) -> None:
     """The massive layer first, then record_stats' keys with the paper's curve beside a paper model's key."""
-    _start(tmp_path)
     stats = _planted_stats(24)
     attention.record_pretrained("gpt2-medium", stats, 2, attention.SINK_SHARE)
-    rec = _records()
+    rec = records()
     keys = list(rec)
     assert keys[0] == "gpt2-medium/massive_layer" and rec[keys[0]]["value"] == 2
     assert rec["gpt2-medium/attn/maxrank"]["value"] == pytest.approx(stats.max_rank().tolist())
@@ -64,22 +53,20 @@ def test_record_pretrained_records_the_massive_layer_and_the_papers_curves(tmp_p
     assert "gpt2-medium/attn/sink_minus_massive_layer" in rec
 
 
-def test_record_pretrained_without_a_massive_layer(tmp_path) -> None:
+def test_record_pretrained_without_a_massive_layer(records) -> None:
     """No massive layer: recorded as null, and no sink-vs-massive keys."""
-    _start(tmp_path)
     attention.record_pretrained("tiny-gpt2", _planted_stats(), None)
-    rec = _records()
+    rec = records()
     assert rec["tiny-gpt2/massive_layer"]["value"] is None
     assert rec["tiny-gpt2/attn/maxrank"]["paper_value"] is None
     assert "tiny-gpt2/attn/sink_minus_massive_layer" not in rec
 
 
-def test_record_tau_sweep_one_key_per_tau(tmp_path) -> None:
+def test_record_tau_sweep_one_key_per_tau(records) -> None:
     """``<key>/attn/maxrank_tau/<tau>`` = ``rank_at(tau)`` for each tau, with Fig. 10 as reference."""
-    _start(tmp_path)
     stats = _planted_stats()
     attention.record_tau_sweep("m", stats, (0.8, 0.95))
-    rec = _records()
+    rec = records()
     assert list(rec) == ["m/attn/maxrank_tau/0.8", "m/attn/maxrank_tau/0.95"]
     assert rec["m/attn/maxrank_tau/0.95"]["value"] == pytest.approx(stats.rank_at(0.95).tolist())
     assert rec["m/attn/maxrank_tau/0.8"]["paper_ref"] == "Inheritune v4 Fig. 10"
@@ -596,7 +583,6 @@ def test_capture_on_tiny_llama(tiny_llama) -> None:
 def test_record_stats_writes_design_keys() -> None:
     """record_stats writes <key>/attn/maxrank, /avgmass, /maxcol_share as per-layer lists (hand values of the
     two-sequence stack: MaxRank [1, 89], AvgMass [1, 67.25], maxcol_share [0.93, 0.2625]) plus diagnostics."""
-    from common.core import manifest
     from common.reporting import session
 
     session.setup("04_attention_degeneration_inheritune", "smoke", 0)
@@ -661,7 +647,6 @@ def test_context_length_and_eager_switch_restore_on_error(tiny_llama) -> None:
 def test_paper_references_are_recorded_only_for_models_not_run() -> None:
     """The paper's GPT-2 curves go in as value null for the GPT-2 models the profile did not run; a run model
     keeps its own record (written by record_stats, not overwritten here)."""
-    from common.core import manifest
     from common.reporting import session
 
     session.setup("04_attention_degeneration_inheritune", "smoke", 0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from types import SimpleNamespace
 
 import matplotlib
 import pytest
@@ -27,15 +26,14 @@ from common.inheritune.training import Experiment, Growth, Run
 from common.reporting import session
 
 
-def test_record_acceptance_records_every_check(tmp_path) -> None:
+def test_record_acceptance_records_every_check(records) -> None:
     """One key per reading, in order, values as given (bools, floats, None)."""
-    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
     checks = {"s1_maxrank_last_third_over_first_half": 0.5, "s4a_first_beats_random": True, "s4a_over_se": None}
     training.record_acceptance("gpt-byte", checks)
-    records = manifest.load(manifest.current().path)["records"]
-    assert [r["key"] for r in records] == [f"gpt-byte/inheritune/check/{k}" for k in checks]
-    assert [r["value"] for r in records] == list(checks.values())
-    assert {r["paper_ref"] for r in records} == {"research inheritune.md §5.2"}
+    recorded = list(records().values())
+    assert [r["key"] for r in recorded] == [f"gpt-byte/inheritune/check/{k}" for k in checks]
+    assert [r["value"] for r in recorded] == list(checks.values())
+    assert {r["paper_ref"] for r in recorded} == {"research inheritune.md §5.2"}
 
 
 def test_paper_values_are_the_papers() -> None:

@@ -8,7 +8,6 @@ modules and their parameter counts, bad input and the spectra summary."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from tiny_families import single_thread
 from torch import nn
 
-from common.core import arch, evaluation, manifest, models
+from common.core import arch, evaluation, models
 from common.core.layer_inputs import LayerInputs
 from common.sfsd import budgets, decomposition, lowrank, paper
 from common.sfsd.budgets import Target
@@ -26,13 +25,12 @@ from common.sfsd.decomposition import Decomposition, Moments
 from common.sfsd.lowrank import LowRankLinear
 
 
-def test_record_spectra(tmp_path) -> None:
+def test_record_spectra(records) -> None:
     """Means over modules, their difference, and per kind the values sorted by layer."""
-    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
     frame = pd.DataFrame({"layer": [2, 1, 1, 2], "kind": ["q", "q", "v", "v"], "feature": [0.9, 0.8, 0.6, 0.7],
                           "weight": [0.5, 0.4, 0.3, 0.2]})
     decomposition.record_spectra("m", frame)
-    rec = {r["key"]: r["value"] for r in manifest.load(manifest.current().path)["records"]}
+    rec = {k: r["value"] for k, r in records().items()}
     assert rec["m/lowrank/spectra/feature_energy25"] == pytest.approx(0.75)
     assert rec["m/lowrank/spectra/weight_energy25"] == pytest.approx(0.35)
     assert rec["m/lowrank/spectra/feature_minus_weight_energy25"] == pytest.approx(0.4)

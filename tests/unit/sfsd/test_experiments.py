@@ -13,12 +13,6 @@ from common.core import evaluation, manifest, profiles
 from common.sfsd import experiments, paper
 
 
-@pytest.fixture
-def records(tmp_path):
-    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
-    return lambda: {r["key"]: r for r in manifest.load(manifest.current().path)["records"]}
-
-
 def test_record_mean_diagnosis(records) -> None:
     """Per kind, the ratios sorted by layer; then the massive layer."""
     diag = pd.DataFrame({"layer": [5, 4, 4, 5], "kind": ["q", "q", "up", "up"], "ratio": [2.0, 1.0, 0.5, 0.25]})

@@ -43,12 +43,6 @@ from common.synthesis.experiments import SinkProfile
 from common.synthesis.protected import RowProtectedLinear
 
 
-@pytest.fixture
-def records(tmp_path):
-    manifest.start(SimpleNamespace(notebook="x", profile="smoke", seed=0, out_dir=tmp_path / "out"))
-    return lambda: {r["key"]: r for r in manifest.load(manifest.current().path)["records"]}
-
-
 def _planted_profile(n_layers: int = 5) -> SinkProfile:
     g = torch.Generator().manual_seed(0)
     t = 6
