@@ -1,0 +1,77 @@
+"""core.intervals: each interval excludes its null when an effect is planted and holds it when none is."""
+
+import numpy as np
+import pytest
+
+from common.core import intervals
+
+
+def test_mean_interval_covers_the_mean_and_excludes_a_planted_shift():
+    rng = np.random.default_rng(0)
+    flat = intervals.mean(rng.normal(0.0, 1.0, 400))
+    assert flat["ci95"][0] < 0.0 < flat["ci95"][1] and flat["n"] == 400
+    shifted = intervals.mean(rng.normal(0.5, 1.0, 400))
+    assert shifted["ci95"][0] > 0.0
+    assert flat["ci95"][0] < flat["value"] < flat["ci95"][1]
+
+
+def test_bootstrap_is_reproducible_with_its_seed():
+    v = np.arange(20.0)
+    stat = lambda r: r.mean(axis=1)  # noqa: E731
+    assert intervals.bootstrap(v, stat, seed=3) == intervals.bootstrap(v, stat, seed=3)
+    assert intervals.bootstrap(v, stat, seed=3) != intervals.bootstrap(v, stat, seed=4)
+
+
+def test_pairing_removes_the_shared_unit_effect():
+    """Units differ a lot from each other, the arms by a small constant: only the paired interval sees it."""
+    rng = np.random.default_rng(1)
+    unit = rng.normal(0.0, 5.0, 60)
+    treated, control = unit + 0.1 + rng.normal(0, 0.01, 60), unit
+    paired = intervals.paired_difference(treated, control)
+    assert paired["ci95"][0] > 0.05 and paired["value"] == pytest.approx(0.1, abs=0.01)
+    unpaired = intervals.mean(treated)["ci95"][0] - intervals.mean(control)["ci95"][1]
+    assert unpaired < 0  # unpaired intervals overlap: the pairing is what decides
+
+
+def test_perplexity_ratio_from_window_nlls():
+    rng = np.random.default_rng(2)
+    intact = rng.normal(3.0, 0.4, 64)
+    same = intervals.perplexity_ratio(intact + rng.normal(0, 0.001, 64), intact)
+    assert same["ci95"][0] < 1.0 < same["ci95"][1] or same["ci95"] == pytest.approx([1.0, 1.0], abs=1e-3)
+    broken = intervals.perplexity_ratio(intact + np.log(2.0), intact)
+    assert broken["value"] == pytest.approx(2.0) and broken["ci95"] == pytest.approx([2.0, 2.0])
+    noisy = intervals.perplexity_ratio(intact + np.log(1.5) + rng.normal(0, 0.3, 64), intact)
+    assert 1.0 < noisy["ci95"][0] < 1.5 < noisy["ci95"][1]
+
+
+def test_ratio_of_means_is_paired():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(1, 10, 40)
+    r = intervals.ratio_of_means(0.5 * base, base)
+    assert r["value"] == pytest.approx(0.5) and r["ci95"] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="denominator's mean is 0"):
+        intervals.ratio_of_means([1.0, 2.0], [0.0, 0.0])
+
+
+def test_proportion_wilson():
+    assert intervals.proportion(20, 20)["ci95"][1] == 1.0 and intervals.proportion(20, 20)["ci95"][0] < 1.0
+    assert intervals.proportion(0, 20)["ci95"][0] == 0.0 and intervals.proportion(0, 20)["ci95"][1] > 0.0
+    lo, hi = intervals.proportion(50, 100)["ci95"]
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)  # Wilson's textbook value
+    with pytest.raises(ValueError, match="successes <= n"):
+        intervals.proportion(3, 2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([1.0]), "fewer than two units"),
+    (np.array([1.0, np.nan]), "finite"),
+    (np.ones((2, 2, 2)), r"\[n\] or \[n, k\]"),
+])
+def test_bootstrap_refuses_what_is_not_an_interval(bad, match):
+    with pytest.raises(ValueError, match=match):
+        intervals.bootstrap(bad, lambda r: r.mean(axis=1))
+
+
+def test_bootstrap_refuses_a_statistic_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"to \[n_resamples\]"):
+        intervals.bootstrap(np.arange(5.0), lambda r: r)
