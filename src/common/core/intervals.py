@@ -93,3 +93,76 @@ def proportion(successes: int, n: int) -> dict:
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z975 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return {"value": p, "ci95": [max(0.0, centre - half), min(1.0, centre + half)], "n": int(n)}
+
+
+def function_of_means(values, statistic: Callable[[np.ndarray], np.ndarray], seed: int = 0) -> dict:
+    """A statistic of the per-column means of per-unit vectors ``values`` ``[n_units, k]`` (e.g. the max over
+    hidden dims of the mean |h| over prompts, or the min over layers of the max over heads of the mean k* over
+    sequences), with its bootstrap interval over units: ``{"value", "ci95", "n"}``.
+
+    ``statistic`` maps means ``[m, k]`` to ``[m]``; ``value`` is it on the means of all units, so it equals a
+    point estimate computed from pooled means. ``k`` may be wide (thousands of channels): a resample's means are
+    its counts of each unit times ``values``, never an ``[n_resamples, n_units, k]`` copy."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2 or not np.isfinite(v).all():
+        raise ValueError(f"need finite per-unit vectors as [n_units, k], got shape {v.shape}")
+    n = len(v)
+
+    def of_resamples(idx: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(idx))[:, None] * n + idx.astype(int)
+        counts = np.bincount(rows.ravel(), minlength=len(idx) * n).reshape(len(idx), n)
+        return statistic(counts @ v / n)
+
+    return {"value": float(statistic(v.mean(0, keepdims=True))[0]), "ci95": bootstrap(np.arange(n), of_resamples, seed),
+            "n": int(n)}
+
+
+def mean_perplexity_ratio(windows_nll_treated: Sequence[Sequence[float]], window_nll_control, seed: int = 0) -> dict:
+    """Mean over treated arms (e.g. the seeds of a random control) of each arm's perplexity over the control's on
+    the same windows, from per-window mean NLLs (``windows_nll_treated``: one ``[n_windows]`` vector per arm):
+    ``mean_s exp(mean(arm_s) - mean(control))``, with the paired bootstrap over windows (every arm and the control
+    resampled together). One arm is ``perplexity_ratio``."""
+    arms, b = np.asarray(windows_nll_treated, dtype=float), np.asarray(window_nll_control, dtype=float)
+    if arms.ndim != 2 or len(arms) < 1 or b.ndim != 1 or arms.shape[1] != b.size:
+        raise ValueError(f"every arm pairs the control's windows: arms {arms.shape}, control {b.shape}")
+    rows = np.concatenate([arms.T, b[:, None]], axis=1)  # [n_windows, arms + control]
+
+    def of_resamples(r: np.ndarray) -> np.ndarray:
+        m = r.mean(axis=1)
+        return np.exp(m[:, :-1] - m[:, -1:]).mean(axis=1)
+
+    return {"value": float(np.exp(arms.mean(axis=1) - b.mean()).mean()), "ci95": bootstrap(rows, of_resamples, seed),
+            "n": int(b.size)}
+
+
+def stratified_mean(strata: Mapping[str, Sequence[float]], seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
+    """Unweighted mean over strata (e.g. tasks) of each stratum's mean of per-unit values (e.g. items), with a
+    percentile bootstrap that resamples units within each stratum independently (a stratum's size is fixed, as
+    in the design): ``{"value", "ci95", "n", "n_strata"}``."""
+    groups = [np.asarray(v, dtype=float) for v in strata.values()]
+    bad = [name for name, g in zip(strata, groups, strict=True) if g.ndim != 1 or g.size < 2 or not np.isfinite(g).all()]
+    if not groups or bad:
+        raise ValueError(f"need >= 1 stratum of >= 2 finite per-unit values each; not so: {bad or 'no strata'}")
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples={n_resamples}: use >= 100 (default {N_RESAMPLES})")
+    rng = np.random.default_rng(seed)
+    stats = sum(g[rng.integers(0, g.size, size=(n_resamples, g.size))].mean(axis=1) for g in groups) / len(groups)
+    return {"value": float(np.mean([g.mean() for g in groups])),
+            "ci95": [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))],
+            "n": int(sum(g.size for g in groups)), "n_strata": len(groups)}
+
+
+def stratified_paired_difference(treated: Mapping[str, Sequence[float]], control: Mapping[str, Sequence[float]],
+                                 seed: int = 0) -> dict:
+    """Unweighted mean over strata (tasks) of the mean of ``treated - control`` over the units both arms share in
+    that stratum (the same items, in the same order), e.g. an accuracy change averaged over tasks, with the paired
+    bootstrap that resamples units within each stratum (``stratified_mean`` of the per-unit differences)."""
+    if set(treated) != set(control):
+        raise ValueError(f"paired arms need the same strata: {sorted(treated)} vs {sorted(control)}")
+    diffs = {}
+    for name in treated:
+        a, b = np.asarray(treated[name], dtype=float), np.asarray(control[name], dtype=float)
+        if a.shape != b.shape or a.ndim != 1:
+            raise ValueError(f"{name}: paired arms need the same units: shapes {a.shape} and {b.shape}")
+        diffs[name] = a - b
+    return stratified_mean(diffs, seed)

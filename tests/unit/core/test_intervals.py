@@ -75,3 +75,26 @@ def test_bootstrap_refuses_what_is_not_an_interval(bad, match):
 def test_bootstrap_refuses_a_statistic_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"to \[n_resamples\]"):
         intervals.bootstrap(np.arange(5.0), lambda r: r)
+
+
+def test_function_of_means_equals_the_bootstrap_of_the_mean_for_one_column():
+    v = np.random.default_rng(4).normal(1.0, 2.0, 30)
+    one = intervals.function_of_means(v[:, None], lambda m: m[:, 0])
+    ref = intervals.mean(v)
+    assert one["value"] == pytest.approx(ref["value"]) and one["ci95"] == pytest.approx(ref["ci95"]) and one["n"] == 30
+
+
+def test_function_of_means_excludes_a_planted_column_and_holds_the_null_without_one():
+    rng = np.random.default_rng(5)
+    v = rng.normal(0.0, 1.0, (50, 400))  # wide: 400 columns per unit
+    v[:, 7] += 1.0
+    top = intervals.function_of_means(v, lambda m: m.max(axis=1))
+    assert top["value"] == pytest.approx(v.mean(0).max()) and top["ci95"][0] > 0.5
+    flat = intervals.function_of_means(v, lambda m: m[:, 0] - m[:, 1])
+    assert flat["ci95"][0] < 0.0 < flat["ci95"][1]
+
+
+@pytest.mark.parametrize("bad", [np.arange(4.0), np.array([[1.0], [np.inf]])])
+def test_function_of_means_refuses_what_is_not_per_unit_vectors(bad):
+    with pytest.raises(ValueError, match=r"\[n_units, k\]"):
+        intervals.function_of_means(bad, lambda m: m[:, 0])
