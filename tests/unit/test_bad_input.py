@@ -90,8 +90,8 @@ def env() -> SimpleNamespace:
         run=run, short_run=training.Run("b", 1, 1, [], [1.0], 0.0, 0.0, 0, {}),
         state=search.SearchState("perplexity", "feature", {}, {}, [{"path": d.target.path, "layer": 0, "rank": 1}]),
         gpt=gpt.GPT(profiles.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=256)),
-        claim=claims.Claim("c", "p", "claim", "ref", "m", 1.0, "m/q", "01_massive_activation_origin", ">=", 1.0,
-                           "reproduced", "fig"))
+        claim=claims.Claim("c", "p", "claim", "ref", "m", 1.0, "source", "m/q", "01_massive_activation_origin",
+                           claims.Rule(0.0, "greater", 0.0, "exact"), "fig", ()))
 
 
 def case(name: str, exc: type[Exception], match: str, call: Callable[[SimpleNamespace], object]) -> pytest.ParameterSet:
@@ -387,7 +387,8 @@ CASES = [
          lambda e: arch.layers(torch.nn.Linear(2, 2))),
     case("unknown arm scope", ValueError, r"unknown MacDrop scope 'half'; known: massive",
          lambda e: finetune.Arm("x", scope="half")),
-    case("holds unknown op (silently '<=')", ValueError, r"unknown op '~='; known: not_null, null, >=, <=", lambda e: claims.holds("~=", 1, 2)),
+    case("decide on a list (was a TypeError deep in a comparison)", ValueError, r"a claim decides a finite number",
+         lambda e: claims.decide(e.claim.rule, [1, 2], None)),
     case("within unknown tolerance kind (silently absolute)", ValueError, r"tolerance must be \{rel: x\} or \{abs: x\}, not \{'pct': 1\}",
          lambda e: claims.within({"pct": 1}, 1.0, 2.0)),
     case("within empty tolerance (was an unpacking error)", ValueError, r"tolerance must be", lambda e: claims.within({}, 1.0, 2.0)),
@@ -644,9 +645,16 @@ def test_bootstrap_fuzz_valid_or_refused(values: list[float]) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(claims.OPS + ("==", "", ">")), st.one_of(st.none(), st.floats(-5, 5)))
-def test_claims_holds_fuzz(op: str, actual: float | None) -> None:
-    if op not in claims.OPS:
-        refused(ValueError, r"unknown op", lambda: claims.holds(op, actual, 0.0))
-    else:
-        assert isinstance(claims.holds(op, actual, 0.0), bool)
+@given(st.floats(-5, 5), st.floats(0, 3), st.floats(-5, 5), st.floats(0, 4), st.floats(0, 1))
+def test_claims_decide_fuzz(null: float, sesoi: float, lo: float, width: float, at: float) -> None:
+    """Any interval gets exactly one status; the statuses mean what the docstring says; `less` mirrors `greater`."""
+    hi, value = lo + width, lo + at * width
+    up = claims.decide(claims.Rule(null, "greater", sesoi, "items"), value, (lo, hi))
+    down = claims.decide(claims.Rule(-null, "less", sesoi, "items"), -value, (-hi, -lo))
+    assert up.status == down.status and up.status in claims.STATUSES
+    if up.status == "reproduced":
+        assert lo > null and hi >= null + sesoi
+    if up.status == "contradicted":
+        assert hi < null + sesoi
+    if up.status == "inconclusive":
+        assert lo <= null and hi >= null + sesoi and up.mde == pytest.approx(claims.MDE_PER_WIDTH * width)

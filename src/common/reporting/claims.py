@@ -1,28 +1,45 @@
-"""Paper claims (``claims.yaml``) checked against the manifests (DESIGN §3, §7).
+"""Paper claims (``claims.yaml``): pre-registered decision rules, decided from the manifests' intervals (DESIGN §7).
 
-Each claim names a manifest key, a check (``op`` + ``value``), optionally a ``tolerance`` around the paper's
-number, and the status we expect at our scale (``expect``). The status is computed from the manifest:
+Each claim names one manifest number (``key``) and a ``rule`` written before the run that decides it:
 
-- ``not_attempted``: the key is recorded with ``value: null`` (the record's ``note`` or the claim's ``reason``
-  says why) and the check compares numbers (``>=`` / ``<=``; a ``not_null`` check that meets ``null`` fails,
-  and a ``null`` check holds);
-- ``not_at_scale``: the check fails;
-- ``direction_only``: the check holds but our value is outside ``tolerance`` (``{rel: x}``: ``|ours - paper|
-  <= x |paper|``; ``{abs: x}``: ``|ours - paper| <= x``) of the numeric paper value (the manifest record's
-  ``paper_value``, else the claim's numeric ``paper_value``);
-- ``reproduced``: the check holds (and, with a tolerance, our value is within it).
+- ``null``: the value of "no effect" (1 for a ratio to the intact model, 0 for a difference), or, for a claim that
+  a number lies past a line (a margin), that line;
+- ``direction``: the paper's direction, ``greater`` or ``less`` than the null, or ``equivalent`` (the paper says
+  "no effect": within ``sesoi`` of the null);
+- ``sesoi``: the smallest effect of interest, in the number's units, measured from the null;
+- ``interval``: what the 95% interval is taken over (``items``, ``windows``, ``prompts``, ``sequences``,
+  ``layers``, ``modules``, ``seeds``), read from the record's ``ci95``, or ``exact`` for a number with no sampling
+  error (a layer index, a weight property); ``paired: true`` when the arms share items or seeds;
+- ``tolerance`` (optional): ``{rel: x}`` or ``{abs: x}`` around the paper's numeric value.
 
-Defects, never expected: ``missing`` (the manifest lacks the key) and ``not_run`` (no manifest at all; on the
-``paper`` profile this just means nobody ran it). ``tests/test_claims.py`` asserts computed == ``expect`` on
-``small``, so a change in either direction is noticed.
+The status comes from the interval ``[lo, hi]`` (``decide``), for ``direction: greater`` (``less`` mirrored):
+
+- *contradicted*: ``hi < null + sesoi``: the interval rules out every effect of interest in the paper's direction
+  (this includes an interval on the other side of the null);
+- *reproduced*: ``lo > null`` and our value is within the tolerance of the paper's (or no tolerance applies);
+- *direction only*: ``lo > null``, our value outside the tolerance;
+- *inconclusive*: the interval holds the null and effects of interest: the design cannot decide. The report
+  prints the minimum detectable effect at 80% power (two-sided 5%), ``(z_.975 + z_.8) * se`` with
+  ``se = (hi - lo) / (2 z_.975)``;
+- *not attempted*: the manifest records the number as null (the record's note or the claim's ``reason`` says why).
+
+For ``equivalent``: *reproduced* when the interval lies inside ``[null - sesoi, null + sesoi]``, *contradicted*
+when it lies wholly outside, else *inconclusive*. A claim may name ``requires``: claims that must come out
+*reproduced* or *direction only* for it to be decidable (e.g. "matches the reference" needs a reference that beats a
+fresh model); otherwise it is *inconclusive* whatever its own interval.
+
+``history`` lists every change of a claim's rule (date, commit, what, why, and ``seen``: whether its result was
+known when the change was made); the report marks claims with a ``seen`` entry. Defects, never a finding:
+``missing`` (no such key), ``not_run`` (no manifest), ``no_interval`` (the rule needs a ``ci95`` the record lacks).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import math
 from dataclasses import MISSING as MISSING_FIELD
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -37,16 +54,57 @@ CLAIMS_FILE = REPO_ROOT / "claims.yaml"
 FIGURES = REPO_ROOT / "figures"
 
 
-OPS = ("not_null", "null", ">=", "<=")
+STATUSES = ("reproduced", "direction_only", "inconclusive", "contradicted", "not_attempted")
 
 
-STATUSES = ("reproduced", "direction_only", "not_at_scale", "not_attempted")
+MISSING, NOT_RUN, NO_INTERVAL = "missing", "not_run", "no_interval"
 
 
-MISSING, NOT_RUN = "missing", "not_run"
+DEFECTS = (MISSING, NOT_RUN, NO_INTERVAL)
+
+
+DIRECTIONS = ("greater", "less", "equivalent")
+
+
+INTERVALS = ("exact", "items", "windows", "prompts", "sequences", "layers", "modules", "seeds")
 
 
 TOLERANCE_KINDS = ("rel", "abs")
+
+
+#: (z_.975 + z_.8) / (2 z_.975): the minimum detectable effect at 80% power per unit of 95% interval width.
+MDE_PER_WIDTH = (1.959964 + 0.841621) / (2 * 1.959964)
+
+
+DECIDABLE = ("reproduced", "direction_only")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A claim's pre-registered decision rule (see the module docstring)."""
+    null: float
+    direction: str
+    sesoi: float
+    interval: str
+    paired: bool = False
+    tolerance: dict | None = None
+
+    def describe(self) -> str:
+        """One line: ``> 1 by >= 1 (95% over windows, paired)``."""
+        sign = {"greater": ">", "less": "<", "equivalent": "="}[self.direction]
+        effect = f"within ±{_num(self.sesoi)}" if self.direction == "equivalent" else f"by ≥ {_num(self.sesoi)}"
+        over = "exact" if self.interval == "exact" else f"95% over {self.interval}" + (", paired" if self.paired else "")
+        return f"{sign} {_num(self.null)} {effect} ({over})"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of a claim's ``history``."""
+    date: str
+    commit: str
+    change: str
+    why: str
+    seen: bool
 
 
 @dataclass(frozen=True)
@@ -57,86 +115,133 @@ class Claim:
     paper_ref: str
     paper_model: str
     paper_value: object
+    paper_source: str
     key: str
     notebook: str
-    op: str
-    value: object
-    expect: str
+    rule: Rule
     figure: str
+    history: tuple[Change, ...]
     reason: str = ""
-    tolerance: dict | None = None
-    paper_note: str = ""
     paper_key: str = ""
+    requires: tuple[str, ...] = ()
 
     @property
     def key_on_paper(self) -> str:
         """The key on the ``paper`` profile: ``paper_key``, else ``key`` with its model replaced by ``paper_model``."""
         return self.paper_key or f"{self.paper_model}/{self.key.split('/', 1)[1]}"
 
+    @property
+    def seen_changes(self) -> tuple[Change, ...]:
+        """The history entries made with the claim's result known (the report marks such claims)."""
+        return tuple(h for h in self.history if h.seen)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a rule decides from one number and its interval."""
+    status: str
+    interval: tuple[float, float] | None = None
+    mde: float | None = None   # minimum detectable effect at 80% power (inconclusive claims)
+    why: str = ""
+
 
 @dataclass(frozen=True)
 class Outcome:
     """A claim evaluated on one profile's manifest."""
-    status: str            # one of STATUSES, or MISSING / NOT_RUN
-    value: object = None   # our value (None when not recorded)
+    status: str
+    value: object = None
     record: dict | None = None
-    reason: str = ""       # why, for every status but "reproduced"
-    paper_value: object = None  # shown next to ours: the record's paper_value, else the claim's
-    paper_ref: str = ""
+    interval: tuple[float, float] | None = None
+    mde: float | None = None
+    why: str = ""          # how the interval decided, or what is missing
 
 
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _validate_tolerance(cid: str, tol: object) -> None:
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _validate_tolerance(where: str, tol: object) -> None:
     if tol is None:
         return
     if not (isinstance(tol, dict) and len(tol) == 1 and next(iter(tol)) in TOLERANCE_KINDS
             and _is_number(next(iter(tol.values()))) and next(iter(tol.values())) >= 0):
-        raise ValueError(f"claim {cid}: tolerance must be {{rel: x}} (relative to the paper value) or "
+        raise ValueError(f"{where}: tolerance must be {{rel: x}} (relative to the paper value) or "
                          f"{{abs: x}} with a number x >= 0, not {tol!r}")
+
+
+def parse_rule(cid: str, raw: object) -> Rule:
+    """A ``rule:`` mapping, validated; errors name the field to fix."""
+    known = {f.name for f in fields(Rule)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"claim {cid}: needs `rule: {{null: ..., direction: ..., sesoi: ..., interval: ...}}`")
+    unknown, absent = set(raw) - known, [f.name for f in fields(Rule) if f.default is MISSING_FIELD and f.name not in raw]
+    if unknown or absent:
+        raise ValueError(f"claim {cid}: rule has unknown field(s) {sorted(unknown)} / lacks {absent}; "
+                         f"fields: {', '.join(f.name for f in fields(Rule))}")
+    rule = Rule(**raw)
+    if not _is_number(rule.null) or not _is_number(rule.sesoi) or rule.sesoi < 0:
+        raise ValueError(f"claim {cid}: rule null must be a number and sesoi a number >= 0")
+    if rule.direction not in DIRECTIONS:
+        raise ValueError(f"claim {cid}: rule direction {rule.direction!r}; known: {', '.join(DIRECTIONS)}")
+    if rule.interval not in INTERVALS:
+        raise ValueError(f"claim {cid}: rule interval {rule.interval!r}; known: {', '.join(INTERVALS)}")
+    _validate_tolerance(f"claim {cid}", rule.tolerance)
+    if rule.tolerance is not None and rule.direction == "equivalent":
+        raise ValueError(f"claim {cid}: an equivalent claim is decided by its band (null ± sesoi): drop the tolerance")
+    return rule
+
+
+def _parse_history(cid: str, raw: object) -> tuple[Change, ...]:
+    known = [f.name for f in fields(Change)]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"claim {cid}: needs a `history:` list with at least the entry that registered it "
+                         f"({', '.join(known)})")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or sorted(entry) != sorted(known):
+            raise ValueError(f"claim {cid}: each history entry has exactly {', '.join(known)}, not {entry!r}")
+        if not isinstance(entry["seen"], bool):
+            raise ValueError(f"claim {cid}: history `seen` is true or false (was the result known?)")
+        date = entry["date"]
+        dt.date.fromisoformat(str(date))  # raises on a malformed date
+        out.append(Change(**{**entry, "date": str(date)}))
+    return tuple(out)
 
 
 def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
     """Parse and validate ``claims.yaml``."""
-    known = {f.name for f in fields(Claim)} - {"op", "value"} | {"check"}
+    known = {f.name for f in fields(Claim)}
     claims, seen = [], set()
     for raw in yaml.safe_load(Path(path).read_text()):
         cid = raw.get("id", "?")
-        if "expect" not in raw and "status" in raw:
-            raise ValueError(f"claim {cid}: the expected status goes in `expect:` (one of {', '.join(STATUSES)})")
+        for old, new in (("check", "rule"), ("expect", "nothing: statuses are derived"), ("tolerance", "rule.tolerance")):
+            if old in raw:
+                raise ValueError(f"claim {cid}: `{old}:` is gone; use {new} (see the claims.yaml header)")
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"claim {cid}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        absent = [f.name for f in fields(Claim) if f.name not in ("op", "value") and f.name not in raw
-                  and f.default is MISSING_FIELD]
+        absent = [f.name for f in fields(Claim) if f.name not in raw and f.default is MISSING_FIELD]
         if absent:
-            raise ValueError(f"claim {cid}: missing field(s) {', '.join(absent)}"
-                             + (f" (expect: one of {', '.join(STATUSES)})" if "expect" in absent else ""))
-        check = raw.pop("check", None)
-        if not isinstance(check, dict) or "op" not in check:
-            raise ValueError(f"claim {cid}: needs `check: {{op: ..., value: ...}}`")
-        raw["paper_value"] = resolve_paper_value(cid, raw["paper_value"])
-        claim = Claim(op=check["op"], value=check.get("value"), **raw)
+            raise ValueError(f"claim {cid}: missing field(s) {', '.join(absent)}")
+        claim = Claim(**{**raw, "rule": parse_rule(cid, raw["rule"]), "history": _parse_history(cid, raw["history"]),
+                         "paper_value": resolve_paper_value(cid, raw["paper_value"]),
+                         "requires": tuple(raw.get("requires") or ())})
         if claim.id in seen:
             raise ValueError(f"claim {claim.id}: duplicate id")
         seen.add(claim.id)
-        if claim.op not in OPS:
-            raise ValueError(f"claim {claim.id}: unknown op {claim.op!r}; known: {', '.join(OPS)}")
-        if claim.op in (">=", "<=") and not _is_number(claim.value):
-            raise ValueError(f"claim {claim.id}: check {claim.op} needs a numeric value")
-        if claim.expect not in STATUSES:
-            hint = " (`not_reproduced` is now `not_at_scale`)" if claim.expect == "not_reproduced" else ""
-            raise ValueError(f"claim {claim.id}: unknown status expect: {claim.expect!r}{hint}; "
-                             f"set expect to one of {', '.join(STATUSES)}")
-        if claim.expect != "reproduced" and not str(claim.reason).strip():
-            raise ValueError(f"claim {claim.id}: expect: {claim.expect} needs a `reason:` saying why "
-                             "(what differs at our scale, or why it is not attempted)")
         if "/" not in claim.key:
             raise ValueError(f"claim {claim.id}: key {claim.key!r} must look like '<model>/<quantity>'")
-        _validate_tolerance(claim.id, claim.tolerance)
+        if claim.rule.tolerance is not None and not _is_number(claim.paper_value):
+            raise ValueError(f"claim {claim.id}: a tolerance needs a numeric paper_value, not {claim.paper_value!r}")
         claims.append(claim)
+    for c in claims:
+        unknown = [r for r in c.requires if r not in seen or r == c.id]
+        if unknown:
+            raise ValueError(f"claim {c.id}: requires unknown claim(s) {unknown}")
     return claims
 
 
@@ -164,21 +269,6 @@ def resolve_paper_value(cid: str, value: object) -> object:
     return found
 
 
-def holds(op: str, actual: object, target: object) -> bool:
-    """Whether ``actual`` satisfies the check ``op target``."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-    if op == "null":
-        return actual is None
-    if op == "not_null":
-        return actual is not None
-    if actual is None:
-        return False
-    if op == ">=":
-        return actual >= target
-    return actual <= target
-
-
 def within(tolerance: dict, actual: float, paper: float) -> bool:
     """Whether ``actual`` is within ``tolerance`` (``{rel: x}`` or ``{abs: x}``) of ``paper``."""
     if not isinstance(tolerance, dict) or len(tolerance) != 1 or next(iter(tolerance)) not in TOLERANCE_KINDS:
@@ -186,6 +276,46 @@ def within(tolerance: dict, actual: float, paper: float) -> bool:
     (kind, x), = tolerance.items()
     bound = x * abs(paper) if kind == "rel" else x
     return abs(actual - paper) <= bound + 1e-12 * max(1.0, abs(paper))
+
+
+def minimum_detectable_effect(interval: tuple[float, float]) -> float:
+    """The effect a two-sided 5% test detects with 80% power, from a 95% interval's width (normal approximation)."""
+    lo, hi = interval
+    return MDE_PER_WIDTH * (hi - lo)
+
+
+def decide(rule: Rule, value: object, interval: tuple[float, float] | None, paper: object = None) -> Decision:
+    """The status ``rule`` gives our ``value`` with its 95% ``interval`` (``None``: the rule's interval is exact);
+    ``paper`` is the paper's value the tolerance is measured against."""
+    if value is None:
+        return Decision("not_attempted", why="recorded as null")
+    if not _is_number(value):
+        raise ValueError(f"a claim decides a finite number, not {value!r}")
+    if interval is None:
+        if rule.interval != "exact":
+            return Decision(NO_INTERVAL, why=f"the rule needs a 95% interval over {rule.interval}; the record has none")
+        interval = (float(value), float(value))
+    lo, hi = sorted(float(x) for x in interval)
+    if rule.direction == "equivalent":
+        band = (rule.null - rule.sesoi, rule.null + rule.sesoi)
+        if band[0] <= lo and hi <= band[1]:
+            return Decision("reproduced", (lo, hi), why=f"interval inside {_num(band[0])}..{_num(band[1])}")
+        if hi < band[0] or lo > band[1]:
+            return Decision("contradicted", (lo, hi), why=f"interval outside {_num(band[0])}..{_num(band[1])}")
+        return Decision("inconclusive", (lo, hi), minimum_detectable_effect((lo, hi)),
+                        why=f"interval crosses an edge of {_num(band[0])}..{_num(band[1])}")
+    # Mirror ``less`` onto ``greater``: s * x > s * null is "in the paper's direction".
+    s = 1.0 if rule.direction == "greater" else -1.0
+    near, far = (lo, hi) if s > 0 else (hi, lo)
+    if s * far < s * rule.null + rule.sesoi:
+        return Decision("contradicted", (lo, hi), why="the interval rules out an effect of interest "
+                        f"(beyond {_num(rule.null + s * rule.sesoi)})")
+    if s * near > s * rule.null:
+        if rule.tolerance is not None and _is_number(paper) and not within(rule.tolerance, float(value), paper):
+            return Decision("direction_only", (lo, hi), why=f"excludes {_num(rule.null)}; outside the tolerance of the paper's {_num(paper)}")
+        return Decision("reproduced", (lo, hi), why=f"excludes {_num(rule.null)}")
+    return Decision("inconclusive", (lo, hi), minimum_detectable_effect((lo, hi)),
+                    why=f"the interval holds {_num(rule.null)} and effects of interest")
 
 
 def manifest_path(notebook: str, profile: str = "small", root: Path = FIGURES) -> Path:
@@ -203,47 +333,34 @@ def find_record(claim: Claim, profile: str = "small", root: Path = FIGURES) -> t
     return True, next((r for r in load(path)["records"] if r["key"] == key), None)
 
 
-def paper_value(claim: Claim, record: dict | None) -> tuple[object, str]:
-    """(value, ref) shown as the paper's: the record's ``paper_value``/``paper_ref`` if it has one, else the claim's."""
-    if record is not None and record.get("paper_value") is not None:
-        return record["paper_value"], record.get("paper_ref") or claim.paper_ref
-    return claim.paper_value, claim.paper_ref
-
-
-def numeric_paper_value(claim: Claim, record: dict | None) -> float | None:
-    """The number a tolerance is measured against: the record's numeric ``paper_value``, else the claim's."""
-    if record is not None and _is_number(record.get("paper_value")):
-        return record["paper_value"]
-    return claim.paper_value if _is_number(claim.paper_value) else None
+def _record_interval(record: dict) -> tuple[float, float] | None:
+    ci = record.get("ci95")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_is_number(x) for x in ci):
+        return float(ci[0]), float(ci[1])
+    return None
 
 
 def evaluate(claim: Claim, profile: str = "small", root: Path = FIGURES) -> Outcome:
-    """The claim's status on one profile, with our value, the record and the reason."""
+    """The claim's status on one profile by its own rule (``evaluate_all`` also applies ``requires``)."""
     exists, rec = find_record(claim, profile, root)
     if not exists:
-        return Outcome(NOT_RUN, reason=f"no {manifest_path(claim.notebook, profile, root).relative_to(root)}",
-                       paper_value=claim.paper_value, paper_ref=claim.paper_ref)
+        return Outcome(NOT_RUN, why=f"no {manifest_path(claim.notebook, profile, root).relative_to(root)}")
     if rec is None:
-        return Outcome(MISSING, reason="key not in the manifest", paper_value=claim.paper_value,
-                       paper_ref=claim.paper_ref)
-    pv, ref = paper_value(claim, rec)
-    value = rec["value"]
-    common = {"value": value, "record": rec, "paper_value": pv, "paper_ref": ref}
-    if value is None and claim.op in (">=", "<="):
-        return Outcome("not_attempted", reason=claim.reason or rec.get("note") or "", **common)
-    if not holds(claim.op, value, claim.value):
-        return Outcome("not_at_scale", reason=claim.reason, **common)
-    if claim.tolerance is not None:
-        target = numeric_paper_value(claim, rec)
-        if target is None:
-            raise ValueError(f"claim {claim.id}: has a tolerance but no numeric paper value: give claims.yaml "
-                             f"`paper_value:` a number, or record `paper_value` with {rec['key']!r}")
-        if not _is_number(value) or not within(claim.tolerance, value, target):
-            return Outcome("direction_only", reason=claim.reason, **common)
-    return Outcome("reproduced", reason="", **common)
+        return Outcome(MISSING, why="key not in the manifest")
+    interval = None if claim.rule.interval == "exact" else _record_interval(rec)
+    d = decide(claim.rule, rec["value"], interval, claim.paper_value)
+    why = claim.reason or rec.get("note") or d.why if d.status == "not_attempted" else d.why
+    return Outcome(d.status, rec["value"], rec, d.interval, d.mde, why)
 
 
-def status(claim: Claim, profile: str = "small", root: Path = FIGURES) -> tuple[str, object]:
-    """(status, value) of one claim (see ``evaluate``)."""
-    out = evaluate(claim, profile, root)
-    return out.status, out.value
+def evaluate_all(claims: list[Claim], profile: str = "small", root: Path = FIGURES) -> dict[str, Outcome]:
+    """Every claim's outcome on one profile; a claim whose ``requires`` are not all reproduced (or direction
+    only) is inconclusive, with the unmet requirement named."""
+    out = {c.id: evaluate(c, profile, root) for c in claims}
+    for c in claims:
+        unmet = [r for r in c.requires if out[r].status not in DECIDABLE]
+        if unmet and out[c.id].status in (*DECIDABLE, "contradicted"):
+            o = out[c.id]
+            out[c.id] = replace(o, status="inconclusive", mde=None, why=f"needs {', '.join(unmet)} "
+                                f"({', '.join(out[r].status for r in unmet)}); by its own interval: {o.status}")
+    return out

@@ -18,7 +18,18 @@ from pathlib import Path
 
 from common import REPO_ROOT
 from common.core.manifest import load
-from common.reporting.claims import FIGURES, MISSING, NOT_RUN, STATUSES, Claim, Outcome, evaluate, load_claims
+from common.reporting.claims import (
+    DEFECTS,
+    FIGURES,
+    MISSING,
+    NO_INTERVAL,
+    NOT_RUN,
+    STATUSES,
+    Claim,
+    Outcome,
+    evaluate_all,
+    load_claims,
+)
 
 README = REPO_ROOT / "README.md"
 
@@ -51,14 +62,19 @@ PAPER_TITLES = {
 }
 
 
-LABELS = {"reproduced": "reproduced", "direction_only": "direction only", "not_at_scale": "not at this scale",
-          "not_attempted": "not attempted", MISSING: "**missing**", NOT_RUN: "not run"}
+LABELS = {"reproduced": "reproduced", "direction_only": "direction only", "inconclusive": "inconclusive",
+          "contradicted": "contradicted", "not_attempted": "not attempted", MISSING: "**missing**",
+          NOT_RUN: "not run", NO_INTERVAL: "**no interval**"}
 
 
 MEANING = {
-    "reproduced": "the check holds (and, where the claim has a tolerance, our value is within it of the paper's)",
-    "direction_only": "the check holds, but our value is outside the tolerance around the paper's",
-    "not_at_scale": "the check fails at our scale (the reason says what differs)",
+    "reproduced": "the 95% interval excludes the null in the paper's direction (and our value is within the tolerance "
+                  "of the paper's where the rule has one); for a no-effect claim, the interval lies inside null ± sesoi",
+    "direction_only": "the interval excludes the null in the paper's direction, but our value is outside the tolerance",
+    "inconclusive": "the interval holds both the null and effects of interest: this design cannot decide (MDE: the "
+                    "smallest effect it detects with 80% power); or a claim it requires is not reproduced",
+    "contradicted": "the interval rules out every effect of interest in the paper's direction (or, for a no-effect "
+                    "claim, lies wholly outside null ± sesoi)",
     "not_attempted": "recorded as null: not measured in this profile (the reason says why)",
 }
 
@@ -81,15 +97,14 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _check(c: Claim) -> str:
-    return c.op.replace("_", " ") if c.value is None else f"{c.op} {_fmt(c.value)}"
-
-
-def _tolerance(c: Claim) -> str:
-    if c.tolerance is None:
-        return "—"
-    (kind, x), = c.tolerance.items()
-    return f"±{_fmt(x * 100)}%" if kind == "rel" else f"±{_fmt(x)}"
+def _rule(c: Claim) -> str:
+    text = c.rule.describe()
+    if c.rule.tolerance is not None:
+        (kind, x), = c.rule.tolerance.items()
+        text += f"; tolerance ±{_fmt(x * 100)}%" if kind == "rel" else f"; tolerance ±{_fmt(x)}"
+    if c.requires:
+        text += "; requires " + ", ".join(c.requires)
+    return _cell(text)
 
 
 def _ours(out: Outcome) -> str:
@@ -98,33 +113,34 @@ def _ours(out: Outcome) -> str:
     if out.status == MISSING:
         return "**missing**"
     text = _fmt(out.value)
-    ci = (out.record or {}).get("ci95")
-    if isinstance(ci, list | tuple) and len(ci) == 2:
-        text += f" (95% CI {_fmt(list(ci))})"
+    if out.interval is not None and out.interval[0] != out.interval[1]:
+        text += f" (95% CI {_fmt(list(out.interval))})"
     return text
 
 
 def _status(out: Outcome) -> str:
     label = LABELS.get(out.status, out.status)
-    return label + (f" — {_cell(out.reason)}" if out.reason and out.status != "reproduced" else "")
+    if out.status == "inconclusive":
+        label += f"; MDE {_fmt(out.mde)}" if out.mde is not None else ""
+    return label + (f" — {_cell(out.why)}" if out.why else "")
 
 
-def _paper_cell(c: Claim, out: Outcome) -> str:
-    text = f"{c.paper_model}: {_cell(_fmt(out.paper_value))}"
-    if c.paper_note:
-        text += f" ({_cell(c.paper_note)})"
-    if out.paper_ref and out.paper_ref != c.paper_ref:
-        text += f"; {_cell(out.paper_ref)}"
-    return text
+def _paper_cell(c: Claim) -> str:
+    return f"{c.paper_model}: {_cell(_fmt(c.paper_value))} ({_cell(c.paper_source)})"
 
 
 def _figure(c: Claim) -> str:
     return f"[{c.figure.rsplit('/', 1)[-1]}]({c.figure})"
 
 
-def evaluate_all(claims: list[Claim], root: Path = FIGURES) -> list[tuple[Claim, Outcome, Outcome]]:
+def outcomes(claims: list[Claim], root: Path = FIGURES) -> list[tuple[Claim, Outcome, Outcome]]:
     """(claim, outcome on small, outcome on paper) for every claim."""
-    return [(c, evaluate(c, "small", root), evaluate(c, "paper", root)) for c in claims]
+    small, paper = evaluate_all(claims, "small", root), evaluate_all(claims, "paper", root)
+    return [(c, small[c.id], paper[c.id]) for c in claims]
+
+
+def _mark(c: Claim) -> str:
+    return " †" if c.seen_changes else ""
 
 
 def _sections(claims: list[Claim]) -> list[tuple[str, list[Claim]]]:
@@ -145,7 +161,7 @@ def _counts(rows: list[tuple[Claim, Outcome, Outcome]], i: int) -> Counter:
 
 
 def _count_line(counts: Counter) -> str:
-    keys = [*STATUSES, MISSING, NOT_RUN]
+    keys = [*STATUSES, *DEFECTS]
     return ", ".join(f"{counts[k]} {LABELS[k].strip('*')}" for k in keys if counts[k])
 
 
@@ -174,46 +190,63 @@ def _provenance(root: Path) -> list[str]:
     return lines
 
 
+def _history(claims: list[Claim]) -> list[str]:
+    lines = ["## Rule history", "",
+             "Every change of a claim's decision rule, from `claims.yaml`'s `history`. **seen**: the claim's result "
+             "was known when the change was made; such claims carry † in the tables above.", ""]
+    for c in claims:
+        lines.append(f"- **{c.id}**{_mark(c)}: " + "; ".join(
+            f"{h.date} `{h.commit}`{' (seen)' if h.seen else ''}: {h.change} — {h.why}" for h in c.history))
+    return lines + [""]
+
+
 def report_markdown(claims: list[Claim] | None = None, root: Path = FIGURES) -> str:
     """The text of REPORT.md."""
     claims = load_claims() if claims is None else claims
-    rows = evaluate_all(claims, root)
+    rows = outcomes(claims, root)
     by_id = {c.id: (s, p) for c, s, p in rows}
     small, paper = _counts(rows, 1), _counts(rows, 2)
     paper_run = any((Path(root) / "paper").glob("*/manifest.json"))
+    marked = sum(bool(c.seen_changes) for c in claims)
     lines = [
         "# Replication report", "",
         "Generated by `make report` (`python -m common.reporting.report`) from [`claims.yaml`](claims.yaml) and "
-        "`figures/<profile>/<notebook>/manifest.json`: do not edit by hand. Only each claim's wording, reason and "
-        "paper value are typed (in `claims.yaml`, or as `paper_value` in the manifest record); everything else "
-        "is read from the manifests. Paper values are in our units (fractions, not %; ratios to the intact "
-        "model); layer indices are 0-based (the papers' are 1-based).", "",
+        "`figures/<profile>/<notebook>/manifest.json`: do not edit by hand. Each claim's status is derived from "
+        "its pre-registered rule (null, the paper's direction, the smallest effect of interest, the interval) and "
+        "the 95% interval its notebook recorded; only the wording, the reason and the paper's value and source are "
+        "typed. Paper values are in our units (fractions, not %; ratios to the intact model); layer indices are "
+        "0-based (the papers' are 1-based).", "",
         f"**`small`: {len(rows)} claims — {_count_line(small)}.** "
         + (f"`paper`: {_count_line(paper)}." if paper_run else "`paper`: not run (no `figures/paper/*/manifest.json`)."),
+        f"{marked} of {len(claims)} claims (†) had their rule written or changed with their result known: see the "
+        "rule history at the end.",
         "", "| status | meaning | `small` | `paper` |", "|---|---|---|---|"]
     for s in STATUSES:
         lines.append(f"| {LABELS[s]} | {MEANING[s]} | {small[s]} | {paper[s] if paper_run else '—'} |")
-    for s in (MISSING, NOT_RUN):
+    for s, what in ((MISSING, "the claim's key is not in the `small` manifest"), (NOT_RUN, "no `small` manifest"),
+                    (NO_INTERVAL, "the rule needs a 95% interval the record lacks (the run predates it)")):
         if small[s]:
-            lines.append(f"| {LABELS[s]} | a defect: the claim's key is not in the `small` manifest | {small[s]} | — |")
-    lines += ["", "The check is on our value; the tolerance (relative ± x% or absolute ± x) is around the paper's "
-              "number and decides between *reproduced* and *direction only*. `ours (paper)` is the same claim "
-              "on the `paper` profile (key: the claim's `paper_key`, by default its key with the paper's model).", ""]
+            lines.append(f"| {LABELS[s]} | a defect: {what} | {small[s]} | — |")
+    lines += ["", "Rule: `> null by ≥ sesoi` (the paper's direction and the smallest effect of interest), or "
+              "`= null within ±sesoi` for a no-effect claim, and what the 95% interval is over; the tolerance around "
+              "the paper's number decides *reproduced* vs *direction only*. `ours (paper)` is the same claim on the "
+              "`paper` profile (key: `paper_key`, by default the key with the paper's model).", ""]
     for paper_name, group in _sections(claims):
         title = PAPER_TITLES.get(paper_name, paper_name)
         lines += [f"## {paper_name}" + (f" — {title}" if title != paper_name else ""), "",
-                  "| claim | paper (model: value) | ours (`small`) | ours (`paper`) | check | tolerance | status | figure |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| claim | paper (model: value, source) | ours (`small`) | ours (`paper`) | rule | status | figure |",
+                  "|---|---|---|---|---|---|---|"]
         for c in group:
             s, p = by_id[c.id]
             if p.status == MISSING:  # not a defect on `paper`: a claim about a small model has no paper key
                 ours_paper = f"— (no `{c.key_on_paper}`)"
             else:
                 ours_paper = _ours(p) + ("" if p.status == NOT_RUN else f" ({LABELS[p.status]})")
-            lines.append(f"| **{c.id}**: {_cell(c.claim)} ({_cell(c.paper_ref)}) | {_paper_cell(c, s)} | "
-                         f"`{c.key}` = {_ours(s)} | {ours_paper} | {_check(c)} | {_tolerance(c)} | {_status(s)} | "
-                         f"{_figure(c)} |")
+            reason = f" *{_cell(c.reason)}*" if c.reason and s.status not in ("reproduced", "not_attempted") else ""
+            lines.append(f"| **{c.id}**{_mark(c)}: {_cell(c.claim)} ({_cell(c.paper_ref)}) | {_paper_cell(c)} | "
+                         f"`{c.key}` = {_ours(s)} | {ours_paper} | {_rule(c)} | {_status(s)}{reason} | {_figure(c)} |")
         lines.append("")
+    lines += _history(claims)
     lines += _provenance(root)
     return "\n".join(lines) + "\n"
 
@@ -221,15 +254,15 @@ def report_markdown(claims: list[Claim] | None = None, root: Path = FIGURES) -> 
 def results_table(claims: list[Claim] | None = None, root: Path = FIGURES) -> str:
     """The README's compact table: claim id, status, ours on ``small``, figure."""
     claims = load_claims() if claims is None else claims
-    rows = evaluate_all(claims, root)
-    lines = [f"{len(rows)} claims on `small`: {_count_line(_counts(rows, 1))}. The paper's values, checks, "
-             "tolerances, reasons, the `paper` profile and provenance are in [REPORT.md](REPORT.md).", "",
+    rows = outcomes(claims, root)
+    lines = [f"{len(rows)} claims on `small`: {_count_line(_counts(rows, 1))}. The paper's values and sources, the "
+             "rules, the `paper` profile, the rule history and provenance are in [REPORT.md](REPORT.md).", "",
              "| claim | status | ours (`small`) | figure |", "|---|---|---|---|"]
-    for paper_name, group in _sections(claims):
-        for c in group:
-            s = next(r[1] for r in rows if r[0].id == c.id)
-            lines.append(f"| **{c.id}** ({_cell(paper_name)}) | {LABELS.get(s.status, s.status)} | {_ours(s)} | "
-                         f"{_figure(c)} |")
+    for c, s, _ in rows:
+        label = LABELS.get(s.status, s.status)
+        if s.status == "inconclusive" and s.mde is not None:
+            label += f" (MDE {_fmt(s.mde)})"
+        lines.append(f"| **{c.id}**{_mark(c)} ({_cell(c.paper)}) | {label} | {_ours(s)} | {_figure(c)} |")
     return "\n".join(lines)
 
 
