@@ -31,23 +31,30 @@ from common.core.layer_inputs import LayerInputs
 from common.core.models import get_spec
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Perplexity of ``model`` on ``windows`` ([N, T] token ids), batched; logits are never kept whole."""
+    """Perplexity of ``model`` on ``windows`` ([N, T] token ids): exp of the mean of ``window_nll`` (every window
+    scores T - 1 tokens, so this is exp(total NLL / tokens))."""
+    return math.exp(float(window_nll(model, windows, batch_size).mean()))
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """Mean next-token NLL of each window of ``windows`` ([N, T] token ids), ``[N]`` float64: the units a paired
+    perplexity interval resamples (``intervals.perplexity_ratio``). Batched; logits are never kept whole."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, T] with T >= 2, got shape {tuple(windows.shape)}")
     arch.check_ids(model, windows, "windows")
     _check_batch_size(batch_size)
     dev = next(model.parameters()).device
-    nll, count = 0.0, 0
+    out = []
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size].to(dev)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # a no-op (no copy) in float32
-        # targets shifted left, the last position ignored: no copy of the [B, T - 1, V] logits slice
+        # targets shifted left, the last position ignored (NLL 0): no copy of the [B, T - 1, V] logits slice
         target = F.pad(ids[:, 1:], (0, 1), value=-100)
-        nll += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+        nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+        out.append(nll.view(len(ids), -1).cpu().double().sum(1))  # [B, T]: small; float64 sums on the host
+    return torch.cat(out).numpy() / (windows.shape[1] - 1)
 
 
 def _check_batch_size(batch_size: int) -> None:

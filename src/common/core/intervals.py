@@ -117,7 +117,8 @@ def function_of_means(values, statistic: Callable[[np.ndarray], np.ndarray], see
             "n": int(n)}
 
 
-def mean_perplexity_ratio(windows_nll_treated: Sequence[Sequence[float]], window_nll_control, seed: int = 0) -> dict:
+def mean_perplexity_ratio(windows_nll_treated: list[np.ndarray] | np.ndarray, window_nll_control,
+                          seed: int = 0) -> dict:
     """Mean over treated arms (e.g. the seeds of a random control) of each arm's perplexity over the control's on
     the same windows, from per-window mean NLLs (``windows_nll_treated``: one ``[n_windows]`` vector per arm):
     ``mean_s exp(mean(arm_s) - mean(control))``, with the paired bootstrap over windows (every arm and the control
@@ -131,29 +132,32 @@ def mean_perplexity_ratio(windows_nll_treated: Sequence[Sequence[float]], window
         m = r.mean(axis=1)
         return np.exp(m[:, :-1] - m[:, -1:]).mean(axis=1)
 
-    return {"value": float(np.exp(arms.mean(axis=1) - b.mean()).mean()), "ci95": bootstrap(rows, of_resamples, seed),
-            "n": int(b.size)}
+    value = float(np.exp(arms.mean(axis=1) - b.mean()).mean())
+    return {"value": value, "ci95": bootstrap(rows, of_resamples, seed), "n": int(b.size)}
 
 
-def stratified_mean(strata: Mapping[str, Sequence[float]], seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
+def stratified_mean(strata: dict[str, np.ndarray | list[float]], seed: int = 0,
+                    n_resamples: int = N_RESAMPLES) -> dict:
     """Unweighted mean over strata (e.g. tasks) of each stratum's mean of per-unit values (e.g. items), with a
     percentile bootstrap that resamples units within each stratum independently (a stratum's size is fixed, as
     in the design): ``{"value", "ci95", "n", "n_strata"}``."""
     groups = [np.asarray(v, dtype=float) for v in strata.values()]
-    bad = [name for name, g in zip(strata, groups, strict=True) if g.ndim != 1 or g.size < 2 or not np.isfinite(g).all()]
+    bad = [name for name, g in zip(strata, groups, strict=True)
+           if g.ndim != 1 or g.size < 2 or not np.isfinite(g).all()]
     if not groups or bad:
         raise ValueError(f"need >= 1 stratum of >= 2 finite per-unit values each; not so: {bad or 'no strata'}")
     if n_resamples < 100:
         raise ValueError(f"n_resamples={n_resamples}: use >= 100 (default {N_RESAMPLES})")
     rng = np.random.default_rng(seed)
-    stats = sum(g[rng.integers(0, g.size, size=(n_resamples, g.size))].mean(axis=1) for g in groups) / len(groups)
+    stats = sum(g[rng.integers(0, g.size, size=(n_resamples, g.size))].mean(axis=1) for g in groups)
+    stats = stats / len(groups)
     return {"value": float(np.mean([g.mean() for g in groups])),
             "ci95": [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))],
             "n": int(sum(g.size for g in groups)), "n_strata": len(groups)}
 
 
-def stratified_paired_difference(treated: Mapping[str, Sequence[float]], control: Mapping[str, Sequence[float]],
-                                 seed: int = 0) -> dict:
+def stratified_paired_difference(treated: dict[str, np.ndarray | list[float]],
+                                 control: dict[str, np.ndarray | list[float]], seed: int = 0) -> dict:
     """Unweighted mean over strata (tasks) of the mean of ``treated - control`` over the units both arms share in
     that stratum (the same items, in the same order), e.g. an accuracy change averaged over tasks, with the paired
     bootstrap that resamples units within each stratum (``stratified_mean`` of the per-unit differences)."""
@@ -166,3 +170,13 @@ def stratified_paired_difference(treated: Mapping[str, Sequence[float]], control
             raise ValueError(f"{name}: paired arms need the same units: shapes {a.shape} and {b.shape}")
         diffs[name] = a - b
     return stratified_mean(diffs, seed)
+
+
+def independent_difference(treated, control, seed: int = 0) -> dict:
+    """``mean(treated) - mean(control)`` of two samples of different units (e.g. the layers of the last third
+    against those of the first), with a bootstrap that resamples each sample within itself: twice
+    ``stratified_mean`` of the strata ``{treated, -control}`` (the mean over two strata is half their sum).
+    ``{"value", "ci95", "n"}``."""
+    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
+    half = stratified_mean({"treated": a, "control": -b}, seed)
+    return {"value": 2 * half["value"], "ci95": [2 * x for x in half["ci95"]], "n": half["n"]}

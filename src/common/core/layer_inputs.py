@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,3 +153,14 @@ class LayerInputs:
     def perplexity(self, start: int = 0) -> float:
         """exp(mean NLL over the masked targets), from layer ``start`` on."""
         return math.exp(-float(self.logprobs(start).sum()) / self.n_targets())
+
+    def perplexity_and_windows(self, start: int = 0) -> tuple[float, np.ndarray]:
+        """``perplexity(start)`` and, from the same pass, each window's mean NLL (float64 ``[N]``), what a paired
+        interval over windows resamples (``intervals.perplexity_ratio``). Perplexity windows only: every row
+        scores the same number of targets, so the perplexity is exp of the mean of the window means."""
+        per_row = self.mask[:, :-1].sum(1)
+        if not bool((per_row == per_row[0]).all()) or int(per_row[0]) == 0:
+            raise ValueError("per-window NLLs need windows that score the same number of targets each (perplexity "
+                             f"windows), got {sorted(set(per_row.tolist()))} targets per row")
+        lp = self.logprobs(start)
+        return math.exp(-float(lp.sum()) / self.n_targets()), (-lp / int(per_row[0])).numpy()

@@ -3,18 +3,21 @@
 An ``Attack`` is plain data (kind + JSON-able parameters); ``Attack.context(model)`` turns it into one of
 the weight-edit context managers of ``common.hoc.detection``. ``evaluate`` runs perplexity and, optionally, the
 zero-shot suite under an attack, cached by (weights, attack, data, tasks), so a re-run or an interrupted
-k-sweep resumes where it stopped and only the attacked rows change between points.
+k-sweep resumes where it stopped and only the attacked rows change between points. A result keeps the statistics
+its intervals resample (per-window mean NLL, per-item 0/1 per task), so ``record_*`` give every perplexity ratio
+and accuracy change its paired 95% interval (``common.core.intervals``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
-from common.core import arch, data, evaluation, models
+from common.core import arch, data, evaluation, intervals, models
 from common.core.cache import cached, tensor_digest
 from common.core.manifest import record, record_model
 from common.hoc import detection, edits, paper
@@ -107,17 +110,20 @@ def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: tor
     each (lm-eval's requests, ``eval_batch_size`` a forward: a 4096-token window and a 60-token request need
     different batches) under ``attack``, cached.
 
-    Returns ``{"ppl": float, "tasks": {task: {...}} | None, "avg": {...} | None}``.
+    Returns ``{"ppl": float, "window_nll": [mean NLL of each window], "tasks": {task: {...}} | None,
+    "avg": {...} | None}`` (``tasks``: ``evaluation.zero_shot``'s, with each task's per-item ``correct``).
     """
     cache_key = {"weights": models.weights_id(key), "attack": attack.kind, "params": attack.params,
                  "windows": tensor_digest(windows), "tasks": list(tasks), "n_items": n_items,
-                 "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype)}
+                 "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype),
+                 "keeps": "window_nll"}  # results before per-window NLLs were kept have no such key
     if tasks:  # a perplexity-only result does not depend on it
         cache_key["eval_batch_size"] = eval_batch_size
 
     def compute() -> dict:
         with attack.context(model):
-            out = {"ppl": evaluation.perplexity(model, windows, batch_size), "tasks": None, "avg": None}
+            nll = evaluation.window_nll(model, windows, batch_size)
+            out = {"ppl": math.exp(nll.mean()), "window_nll": nll.tolist(), "tasks": None, "avg": None}
             if tasks:
                 per_task = evaluation.zero_shot(model, tok, list(tasks), n_items, seed=seed,
                                                 batch_size=eval_batch_size,
@@ -145,11 +151,23 @@ def table1_rows(model: torch.nn.Module, tok, key: str, report: detection.Massive
     return rows
 
 
+def _arms(rows: dict[str, dict], row: str) -> list[str]:
+    """The results a Table 1 row stands for: the row itself, or the random row's seeds (``random_top5_s0``, ...)."""
+    return sorted(n for n in rows if n.startswith(f"{row}_s")) or [row]
+
+
+def _ppl_ratio_ci(rows: dict[str, dict], arms: list[str]) -> tuple[list[float], str]:
+    """95% paired bootstrap interval over the windows of the mean perplexity ratio of ``arms`` (result names) to
+    ``base``, and what it is over (for the record's note)."""
+    ratio = intervals.mean_perplexity_ratio([rows[a]["window_nll"] for a in arms], rows["base"]["window_nll"])
+    return ratio["ci95"], f"95% paired bootstrap over {ratio['n']} windows"
+
+
 def _row_values(rows: dict[str, dict], row: str, k: int) -> tuple[float, dict | None, str | None]:
     """(perplexity, accuracy summary, note) of a Table 1 row; the random row averages its seeds."""
     if row != f"random_top{k}":
         return rows[row]["ppl"], rows[row]["avg"], None
-    seeds = sorted(n for n in rows if n.startswith(f"random_top{k}_s"))
+    seeds = _arms(rows, row)
     ppls = [rows[n]["ppl"] for n in seeds]
     note = f"mean over {len(seeds)} seeds (ppl {min(ppls):.3f}-{max(ppls):.3f}); accuracy: seed {seeds[0][-1]}"
     return sum(ppls) / len(ppls), rows[seeds[0]]["avg"], note
@@ -177,22 +195,31 @@ def chance_average(per_task: dict[str, dict]) -> float:
 
 def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = None) -> None:
     """Record ``M/ppl/{base,zero_topk,keep_topk,random_topk}`` and the same under ``M/acc/`` (DESIGN §9), with
-    HoC's Llama-3-8B values beside them. Accuracy is a fraction with its 95% bootstrap interval."""
+    HoC's Llama-3-8B values beside them (perplexity: Table 1's WikiText-2 column, the corpus we measure on; not its
+    three-corpus average). Accuracy is a fraction with its 95% bootstrap interval."""
     for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
-        paper_ppl, paper_acc = paper.TABLE1.get(f"ppl/{row}"), paper.TABLE1.get(f"acc/{row}")
+        paper_ppl, paper_acc = paper.TABLE1_WIKI_PPL.get(row), paper.TABLE1.get(f"acc/{row}")
+        ppl_ref = paper.TABLE1_WIKI_REF if paper_ppl is not None else None
         if row != "base" and reason:
-            record(f"{key}/ppl/{row}", None, paper=paper_ppl, paper_ref=paper.TABLE1_REF, note=reason)
+            record(f"{key}/ppl/{row}", None, paper=paper_ppl, paper_ref=ppl_ref, note=reason)
             record(f"{key}/acc/{row}", None, paper=paper_acc, paper_ref=paper.TABLE1_REF, note=reason)
             continue
         ppl, avg, note = _row_values(rows, row, k)
-        record(f"{key}/ppl/{row}", ppl, paper=paper_ppl, paper_ref=paper.TABLE1_REF, note=note)
-        record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], note="perplexity / intact perplexity")
+        record(f"{key}/ppl/{row}", ppl, paper=paper_ppl, paper_ref=ppl_ref, note=note)
+        ci95, over = _ppl_ratio_ci(rows, _arms(rows, row))
+        record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], ci95=ci95,
+               note=f"perplexity / intact perplexity{' (mean over the seeds)' if row.startswith('random') else ''}; "
+                    f"{over}")
         record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=paper.TABLE1_REF,
                ci95=avg["ci95"] if avg else None,
                note="unweighted mean over the zero-shot tasks (fraction; paper: %), 95% bootstrap interval")
         if avg and rows["base"]["avg"] and row != "base":
-            record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"],
-                   note="accuracy minus intact accuracy (fraction)")
+            tasks, base = rows[_arms(rows, row)[0]]["tasks"], rows["base"]["tasks"]
+            delta = intervals.stratified_paired_difference({t: r["correct"] for t, r in tasks.items()},
+                                                           {t: r["correct"] for t, r in base.items()})
+            record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"], ci95=delta["ci95"],
+                   note=f"accuracy minus intact accuracy (fraction); 95% paired bootstrap over {delta['n']} items, "
+                        f"resampled within each of the {delta['n_strata']} tasks")
     if rows["base"]["tasks"]:
         record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
 
@@ -315,7 +342,9 @@ def record_sweep(key: str, frame: pd.DataFrame, ks: tuple[int, ...], tasks: tupl
                    note=f"k = {list(ks)}; tasks {list(tasks)}, {n_items} items each")
 
 
-def record_circuit(frame: pd.DataFrame) -> None:
-    """``M/circuit/<attack>/ppl_ratio`` for every circuit attack of ``circuit_frame``."""
-    for (key, attack), ratio in frame["ppl_ratio"].items():
-        record(f"{key}/circuit/{attack}/ppl_ratio", ratio)
+def record_circuit(rows: dict[str, dict[str, dict]]) -> None:
+    """``M/circuit/<attack>/ppl_ratio`` for every circuit attack of ``circuit_frame(rows)``, with its 95% paired
+    bootstrap interval over the windows."""
+    for (key, attack), ratio in circuit_frame(rows)["ppl_ratio"].items():
+        ci95, over = _ppl_ratio_ci(rows[key], [attack])
+        record(f"{key}/circuit/{attack}/ppl_ratio", ratio, ci95=ci95, note=f"perplexity / intact perplexity; {over}")

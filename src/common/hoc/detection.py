@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.core import arch, models
+from common.core import arch, intervals, models
 from common.core.capture import POINTS, Stats, capture
 from common.core.manifest import record, record_model
 from common.hoc import paper
@@ -155,16 +155,10 @@ def massive_layer(model: torch.nn.Module, tok, key: str, prompts: tuple[str, ...
     return detect_massive_layer(capture(model, ids, points=("inter",)).pos0["inter"])
 
 
-def origin_split(prompts: Stats, layer: int, dims: list[int]) -> dict[str, float]:
-    """HoC Fig. 3a at the massive layer, summed over ``dims`` at position 0 (mean over prompts): the
-    residual before the layer, what the attention branch adds, what the FFN branch adds, the residual after.
-
-    The FFN branch is read after its post-norm where the family has one (Gemma). The attention branch is
-    the rest of the residual update, ``after - before - ffn`` (exact for pre-norm residual blocks; for
-    Llama-style layers it equals the captured ``attn_out``, which the unit tests check).
-    """
-    def at(point: str, i: int) -> float:
-        return prompts.pos0[point][:, i, dims].mean(0).sum().item()
+def origin_per_prompt(prompts: Stats, layer: int, dims: list[int]) -> dict[str, np.ndarray]:
+    """``origin_split`` for each detection prompt: before / attn / ffn / after as ``[N]`` float64 arrays."""
+    def at(point: str, i: int) -> np.ndarray:
+        return prompts.pos0[point][:, i, dims].double().sum(-1).numpy()
 
     ffn = at("post_ffn" if "post_ffn" in prompts.pos0 else "mlp_out", layer)
     after = at("hidden", layer)
@@ -173,6 +167,25 @@ def origin_split(prompts: Stats, layer: int, dims: list[int]) -> dict[str, float
         return {"before": after - attn - ffn, "attn": attn, "ffn": ffn, "after": after}
     before = at("hidden", layer - 1)
     return {"before": before, "attn": after - before - ffn, "ffn": ffn, "after": after}
+
+
+def origin_split(prompts: Stats, layer: int, dims: list[int]) -> dict[str, float]:
+    """HoC Fig. 3a at the massive layer, summed over ``dims`` at position 0 (mean over prompts): the
+    residual before the layer, what the attention branch adds, what the FFN branch adds, the residual after.
+
+    The FFN branch is read after its post-norm where the family has one (Gemma). The attention branch is
+    the rest of the residual update, ``after - before - ffn`` (exact for pre-norm residual blocks; for
+    Llama-style layers it equals the captured ``attn_out``, which the unit tests check).
+    """
+    return {part: float(v.mean()) for part, v in origin_per_prompt(prompts, layer, dims).items()}
+
+
+def ffn_share(prompts: Stats, layer: int, dims: list[int]) -> dict:
+    """|ffn| / (|ffn| + |attn|) of ``origin_split`` (the share of the massive dims' update at ``layer`` written
+    by the FFN, from the means over prompts), with its bootstrap over prompts (``intervals.function_of_means``)."""
+    split = origin_per_prompt(prompts, layer, dims)
+    return intervals.function_of_means(np.stack([split["ffn"], split["attn"]], axis=1),
+                                       lambda m: np.abs(m[:, 0]) / (np.abs(m[:, 0]) + np.abs(m[:, 1])))
 
 
 def largest_hidden_dim(prompts: Stats) -> int:
@@ -205,10 +218,15 @@ class Measurement:
     prompts: Stats
     windows: Stats
     report: MassiveReport
-    contributions: torch.Tensor | None  # [I] what each channel writes into the top massive hidden dim
+    prompt_contributions: torch.Tensor | None  # [N, I] what each channel writes into the top massive dim, per prompt
     post_norm: dict[str, list[float]] | None
     alone_vs_prompt: float  # max |pos0 inter (first token alone) - (whole prompt)| / max |pos0 inter|
     prompt_spread: float  # max over prompts of |pos0 inter - prompt 0's| / max |pos0 inter|
+
+    @property
+    def contributions(self) -> torch.Tensor | None:
+        """[I] what each channel writes into the top massive hidden dim, mean over prompts."""
+        return None if self.prompt_contributions is None else self.prompt_contributions.mean(0)
 
 
 def measure(model: torch.nn.Module, tok, key: str, prompts: tuple[str, ...], windows: torch.Tensor, k: int = 5,
@@ -226,13 +244,29 @@ def measure(model: torch.nn.Module, tok, key: str, prompts: tuple[str, ...], win
     contributions = None
     if report.found and report.hidden_dims:
         down = arch.down_matrix(model, report.layer).detach().cpu()
-        contributions = channel_contributions(down, inter[:, report.layer].mean(0), report.hidden_dims[0])
+        contributions = channel_contributions(down, inter[:, report.layer], report.hidden_dims[0])
     post = None
     if arch.post_ffn_norm(model, 0) is not None:
         post = post_norm_profile(model, pstats, largest_hidden_dim(pstats))
     return Measurement(key, len(arch.layers(model)), pstats, wstats, report, contributions, post,
                        alone_vs_prompt=float((alone - inter).abs().max() / scale),
                        prompt_spread=float((inter - inter[:1]).abs().max() / scale))
+
+
+def hidden_ratio(m: Measurement) -> dict:
+    """``MassiveReport.hidden_ratio`` with its bootstrap over prompts: the largest over hidden dims of the mean |h|
+    over prompts at position 0 after the reference layer, over that layer's all-token median (from the corpus
+    windows, held fixed); the dim maximum is recomputed on each resample of prompts."""
+    ref = m.report.ref_layer
+    median = float(m.windows.median["hidden"].mean(0)[ref])
+    per_prompt = m.prompts.pos0["hidden"][:, ref].abs().double().numpy() / median
+    return intervals.function_of_means(per_prompt, lambda means: means.max(-1))
+
+
+def layer_agreement(r: MassiveReport) -> dict:
+    """Share of detection prompts whose own massive layer (the criterion on that prompt alone) is the detected
+    one, with Wilson's interval over prompts (``intervals.proportion``)."""
+    return intervals.proportion(sum(layer == r.layer for layer in r.per_prompt_layers), len(r.per_prompt_layers))
 
 
 def record_measurement(m: Measurement) -> None:
@@ -247,9 +281,17 @@ def record_measurement(m: Measurement) -> None:
            paper_ref=paper.TABLE7_REF, note="top-k intermediate channels at position 0, ranked" if r.found else none_note)
     record(f"{key}/massive_layer_per_prompt", r.per_prompt_layers,
            note="the same criterion applied to each detection prompt alone (first word varies without BOS)")
+    n = len(r.per_prompt_layers)
+    agreement = layer_agreement(r) if r.found else {"value": None, "ci95": None}
+    record(f"{key}/massive_layer_agreement", agreement["value"], ci95=agreement["ci95"],
+           note=f"share of the {n} detection prompts whose own massive layer is massive_layer; Wilson 95% interval "
+                "over prompts" if r.found else none_note)
     record(f"{key}/massive_channel_values", r.channel_values or None)
-    record(f"{key}/massive_top2_stability", min(r.channel_stability[:2]) if r.found else None,
-           note="lowest share of prompts whose top-k contains each of the top-2 consensus channels")
+    stable = min(r.channel_stability[:2]) if r.found else None
+    record(f"{key}/massive_top2_stability", stable,
+           ci95=intervals.proportion(round(stable * n), n)["ci95"] if r.found else None,
+           note="lowest share of prompts whose top-k contains each of the top-2 consensus channels; Wilson 95% "
+                f"interval over the {n} prompts")
     record(f"{key}/massive_channel_stability", r.channel_stability or None,
            note="share of detection prompts whose own top-k contains each channel")
     record(f"{key}/massive_hidden_dims", r.hidden_dims, paper=paper_values.get("hidden_dims"),
@@ -257,8 +299,9 @@ def record_measurement(m: Measurement) -> None:
            note=f"hidden dims at position 0 after layer {r.ref_layer} meeting Sun's criterion")
     record(f"{key}/massive_ref_layer", r.ref_layer, note="layer where the hidden-state numbers are read (0-based)")
     record(f"{key}/massive_hidden_max", r.hidden_max, note=f"top |h| at position 0 after layer {r.ref_layer}")
-    record(f"{key}/massive_hidden_ratio", r.hidden_ratio,
-           note="vs median |h| over all tokens and dims of that layer (mean over windows)")
+    record(f"{key}/massive_hidden_ratio", r.hidden_ratio, ci95=hidden_ratio(m)["ci95"],
+           note=f"vs median |h| over all tokens and dims of that layer (mean over windows); 95% bootstrap over the {n} "
+                "prompts (top dim recomputed per resample, the window median held fixed)")
     record(f"{key}/massive_hidden_ratio_pos0", r.hidden_ratio_pos0, note="vs median |h| of position 0")
     dim = largest_hidden_dim(m.prompts)
     record(f"{key}/hidden_max_any_layer", float(m.prompts.pos0["hidden"][:, :, dim].abs().mean(0).max()),
@@ -277,9 +320,10 @@ def record_measurement(m: Measurement) -> None:
         record(f"{key}/postnorm/max_raw_ffn_at_dim", max(m.post_norm["raw_ffn"]),
                note=f"max |raw FFN output| at hidden dim {dim}, position 0, over layers")
     if r.found:
-        split = origin_split(m.prompts, r.layer, r.hidden_dims)
-        record(f"{key}/origin/ffn_share", abs(split["ffn"]) / (abs(split["ffn"]) + abs(split["attn"])),
-               paper_ref="HoC Fig. 3a", note="share of the massive dims' update at the massive layer written by the FFN")
+        share = ffn_share(m.prompts, r.layer, r.hidden_dims)
+        record(f"{key}/origin/ffn_share", share["value"], ci95=share["ci95"], paper_ref="HoC Fig. 3a",
+               note="share |ffn| / (|ffn| + |attn|) of the massive dims' update at the massive layer written by the FFN "
+                    f"(means over prompts); 95% bootstrap over the {n} prompts")
     else:
         record(f"{key}/origin/ffn_share", None, note=none_note)
     record(f"{key}/n_layers", m.n_layers, note="decoder layers of the model")
@@ -299,20 +343,27 @@ def record_paper_references(run_keys: tuple[str, ...]) -> None:
                    note="paper model, not run in this profile")
 
 
-def write_share(m: Measurement) -> float | None:
+def write_share(m: Measurement) -> dict | None:
     """Share of what the massive layer's FFN writes into the top massive hidden dim (sum of |W_down[dim, c] inter[c]|
-    over all channels c) that comes from the top-k massive channels (HoC Table 7, Fig. 1a); ``None`` without a
-    massive layer or massive hidden dim."""
-    if m.contributions is None:
+    over all channels c, inter the mean over prompts) that comes from the top-k massive channels (HoC Table 7,
+    Fig. 1a), with its bootstrap over prompts: ``{"value", "ci95", "n"}``; ``None`` without a massive layer or
+    massive hidden dim."""
+    if m.prompt_contributions is None:
         return None
-    contrib = m.contributions.numpy()
-    return float(np.abs(contrib[m.report.channels]).sum() / np.abs(contrib).sum())
+    top = m.report.channels
+
+    def share(means: np.ndarray) -> np.ndarray:
+        size = np.abs(means)
+        return size[:, top].sum(-1) / size.sum(-1)
+
+    return intervals.function_of_means(m.prompt_contributions.double().numpy(), share)
 
 
 def record_write_share(m: Measurement) -> float | None:
     """Record ``M/massive_channels_write_share`` (notebook 01 (d)) for a model with a massive layer; returns it."""
     share = write_share(m)
-    if share is not None:
-        record(f"{m.key}/massive_channels_write_share", share,
-               note="share of |W_down[dim, c] inter[c]| from the top-k channels")
-    return share
+    if share is None:
+        return None
+    record(f"{m.key}/massive_channels_write_share", share["value"], ci95=share["ci95"],
+           note=f"share of |W_down[dim, c] inter[c]| from the top-k channels; 95% bootstrap over the {share['n']} prompts")
+    return share["value"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.core import arch
+from common.core import arch, intervals
 from common.core.hooks import hooked
 from common.core.manifest import record
 from common.inheritune import paper
@@ -169,10 +169,14 @@ class AttentionStats:
         """AvgMass(l) = mean_h mean_n m* (App. C, Fig. 14); [L]."""
         return self.per_layer("mass", "mean")
 
+    def per_sequence(self, metric: str, heads: str = "mean") -> torch.Tensor:
+        """Per sequence, the layer aggregate over heads (``heads``: "max" or "mean") of ``metric``; [N, L]."""
+        m = self.metrics[metric].double()
+        return m.max(-1).values if heads == "max" else m.mean(-1)
+
     def spread(self, metric: str, heads: str = "mean") -> torch.Tensor:
         """Std over sequences of the per-sequence layer aggregate (the band of the paper's Fig. 1); [L]."""
-        m = self.metrics[metric].double()
-        per_seq = m.max(-1).values if heads == "max" else m.mean(-1)
+        per_seq = self.per_sequence(metric, heads)
         return per_seq.std(0) if self.n_sequences > 1 else torch.zeros(per_seq.shape[1], dtype=torch.float64)
 
     def demo_rank(self) -> torch.Tensor:
@@ -315,6 +319,37 @@ def depth_thirds(values: torch.Tensor) -> list[float]:
     return [float(p.mean()) for p in parts]
 
 
+def thirds_ratio(stats: AttentionStats, metric: str) -> dict:
+    """Mean of ``metric`` (mean over heads) over the last third of the layers over the first third, from the
+    per-sequence third means, with the paired bootstrap over sequences (``intervals.ratio_of_means``). Equals
+    ``depth_thirds(stats.per_layer(metric))``'s last / first, because both are means over sequences and heads."""
+    per_seq = stats.per_sequence(metric)
+    if per_seq.shape[1] < 3:
+        raise ValueError(f"{per_seq.shape[1]} layers have no first and last third; need >= 3")
+    first, _, last = (part.mean(1).numpy() for part in torch.tensor_split(per_seq, 3, dim=1))
+    return intervals.ratio_of_means(last, first)
+
+
+def min_maxrank_second_half(stats: AttentionStats) -> dict:
+    """The smallest MaxRank among the second half of the layers (0-based L // 2 .. L - 1; a lazy layer has
+    MaxRank < ``LAZY_LAYER``), with its bootstrap over sequences: on each resample of sequences MaxRank(l) = max
+    over heads of the mean k* is recomputed from the per-sequence k*, then the minimum over those layers taken."""
+    rank = stats.metrics["rank"].double()
+    half = rank[:, rank.shape[1] // 2:]
+    n, layers, heads = half.shape
+    return intervals.function_of_means(half.reshape(n, -1).numpy(),
+                                       lambda means: means.reshape(len(means), layers, heads).max(-1).min(-1))
+
+
+def pos0_share_before(stats: AttentionStats, massive_layer: int) -> dict:
+    """``sink_vs_massive``'s ``pos0_share_before_massive`` (the largest mean mass on position 0 in the layers
+    before ``massive_layer``) with its bootstrap over sequences (the layer maximum recomputed on each resample)."""
+    if not 0 < massive_layer <= stats.metrics["pos0_share"].shape[1]:
+        raise ValueError(f"massive layer {massive_layer}: no layers before it among the statistics' layers")
+    before = stats.per_sequence("pos0_share")[:, :massive_layer].numpy()
+    return intervals.function_of_means(before, lambda means: means.max(-1))
+
+
 def record_stats(key: str, stats: AttentionStats, sink_threshold: float = SINK_SHARE, paper_key: str | None = None,
                  massive_layer: int | None = None) -> None:
     """Record notebook 04's per-layer attention keys for ``key`` (DESIGN §9: ``attn/maxrank``, ``attn/avgmass``,
@@ -333,9 +368,14 @@ def record_stats(key: str, stats: AttentionStats, sink_threshold: float = SINK_S
               "maxrank": depth_thirds(stats.max_rank())}
     record(f"{key}/attn/maxcol_share_thirds", thirds["maxcol_share"],
            note="mean of maxcol_share over the first / middle / last third of the layers")
+    paired = {"maxcol_share": "maxcol_share", "avgmass": "mass"}  # means over sequences: a paired ratio per sequence
     for name, (first, _, last) in thirds.items():
-        record(f"{key}/attn/{name}_last_over_first_third", last / first,
-               note=f"mean {name} over the last third of the layers / over the first third ({first:.3g} -> {last:.3g})")
+        ci = thirds_ratio(stats, paired[name])["ci95"] if name in paired and len(stats.max_rank()) >= 3 else None
+        over = (f"95% paired bootstrap over {stats.n_sequences} sequences" if ci else
+                "no interval (MaxRank is a max over heads, not a mean over sequences; or fewer than 3 layers)")
+        record(f"{key}/attn/{name}_last_over_first_third", last / first, ci95=ci,
+               note=f"mean {name} over the last third of the layers / over the first third ({first:.3g} -> {last:.3g}); "
+                    f"{over}")
     record(f"{key}/attn/meanrank", stats.per_layer("rank", "mean"), note="k* mean over heads (diagnostic, D5)")
     record(f"{key}/attn/maxmass", stats.per_layer("mass", "max"), note="m* max over heads (diagnostic, D5)")
     record(f"{key}/attn/avgmass_index_order", stats.per_layer("mass_index", "mean"),
@@ -351,11 +391,18 @@ def record_stats(key: str, stats: AttentionStats, sink_threshold: float = SINK_S
     if massive_layer is not None:
         record(f"{key}/attn/sink_minus_massive_layer", sink["sink_minus_massive_layer"],
                note=f"first sink layer - massive layer ({massive_layer}, notebook 01's criterion)")
-        record(f"{key}/attn/pos0_share_before_massive", sink["pos0_share_before_massive"],
-               note="largest mean attention mass on position 0 in the layers before the massive layer")
+        before = pos0_share_before(stats, massive_layer)["ci95"] if massive_layer > 0 else None
+        record(f"{key}/attn/pos0_share_before_massive", sink["pos0_share_before_massive"], ci95=before,
+               note="largest mean attention mass on position 0 in the layers before the massive layer; " +
+                    (f"95% bootstrap over {stats.n_sequences} sequences (layer maximum recomputed per resample)"
+                     if before else "none: the massive layer is layer 0"))
     record(f"{key}/attn/lazy_layers", stats.lazy_layers(),
            note=f"layers with MaxRank < {LAZY_LAYER} (Def. G.1 with D12); 0-based")
     record(f"{key}/attn/n_lazy_layers", len(stats.lazy_layers()), note=f"of {len(stats.max_rank())} layers")
+    low = min_maxrank_second_half(stats)
+    record(f"{key}/attn/min_maxrank_second_half", low["value"], ci95=low["ci95"],
+           note=f"smallest MaxRank among layers {len(stats.max_rank()) // 2}.. (lazy: < {LAZY_LAYER}, D12); 95% "
+                f"bootstrap over {stats.n_sequences} sequences (MaxRank recomputed from per-sequence k* per resample)")
     record(f"{key}/attn/collapsed_head_share", float(stats.collapsed_heads().double().mean()),
            note=f"share of heads with Rank(h, l) < {COLLAPSED_HEAD} (D12)")
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from common import __version__
+from common.core import intervals
 from common.core.env import cache_dir, write_json_atomic
 from common.core.gpu import device
 from common.core.manifest import current, record
@@ -375,18 +376,20 @@ def record_experiment(key: str, exp: Experiment) -> None:
     for name, run in exp.runs.items():
         value, ref = paper.VAL_LOSS.get(name, (None, None))
         record(f"{key}/inheritune/{name}/val_loss", run.val_loss, paper=value, paper_ref=ref and f"Inheritune {ref}",
-               ci95=[run.val_loss - 1.96 * run.val_se, run.val_loss + 1.96 * run.val_se],
-               note=f"{run.n_layer} layers, {run.steps} steps, {run.n_params:,} parameters; {window_note}")
+               ci95=intervals.mean(run.window_losses)["ci95"],
+               note=f"{run.n_layer} layers, {run.steps} steps, {run.n_params:,} parameters; {window_note}; 95% "
+                    "bootstrap over the windows")
         record(f"{key}/inheritune/{name}/curve", [list(c) for c in run.curve], note="[step, validation loss]")
         record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation",
                volatile=True)
     record(f"{key}/inheritune/eval_se", exp.reference.val_se, note="standard error of the reference's validation loss")
     for a, b in (("inherit_first", "random"), ("inherit_first", "reference"), ("inherit_first", "random_2x"),
-                 ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first")):
+                 ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first"),
+                 ("random", "reference")):
         if a in exp.runs and b in exp.runs:
-            mean, se = paired_difference(exp.runs[a], exp.runs[b])
-            record(f"{key}/inheritune/diff/{a}-{b}", mean, ci95=[mean - 1.96 * se, mean + 1.96 * se],
-                   note=f"paired over the validation windows; se {se:.4f}")
+            diff = intervals.paired_difference(exp.runs[a].window_losses, exp.runs[b].window_losses)
+            record(f"{key}/inheritune/diff/{a}-{b}", diff["value"], ci95=diff["ci95"],
+                   note=f"validation loss {a} - {b}, nats per token; 95% paired bootstrap over {diff['n']} windows")
     g = exp.growth
     record(f"{key}/inheritune/growth/layers", [r.n_layer for r in g.rounds], note="target depth of each round")
     record(f"{key}/inheritune/growth/val_loss", [r.val_loss for r in g.rounds],

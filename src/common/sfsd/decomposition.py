@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.core import arch
+from common.core import arch, intervals
 from common.core.hooks import hooked
 from common.core.layer_inputs import LayerInputs
 from common.core.manifest import record
@@ -438,10 +438,13 @@ def spectra_frame(decomps: dict[str, Decomposition], share: float = SPECTRUM_RAN
 
 def record_spectra(key: str, frame) -> None:
     """Notebook 05's spectra keys from ``spectra_frame``: ``<key>/lowrank/spectra/{feature,weight}_energy25``
-    (mean over the decomposed modules), their difference, and per module kind the per-layer values."""
+    (mean over the decomposed modules), their difference (with its 95% interval, paired over modules), and per
+    module kind the per-layer values."""
     record(f"{key}/lowrank/spectra/feature_energy25", frame.feature.mean(), note="mean over decomposed modules")
     record(f"{key}/lowrank/spectra/weight_energy25", frame.weight.mean(), note="mean over decomposed modules")
-    record(f"{key}/lowrank/spectra/feature_minus_weight_energy25", frame.feature.mean() - frame.weight.mean())
+    diff = intervals.paired_difference(frame.feature, frame.weight)
+    record(f"{key}/lowrank/spectra/feature_minus_weight_energy25", frame.feature.mean() - frame.weight.mean(),
+           ci95=diff["ci95"], note=f"mean over modules; 95% paired bootstrap over {diff['n']} modules")
     for kind, f in frame.groupby("kind"):
         record(f"{key}/lowrank/spectra/{kind}/feature_energy25", f.sort_values("layer").feature.tolist(),
                note="per decomposed layer")

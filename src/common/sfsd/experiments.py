@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.core import arch, evaluation, layer_inputs, models, tasks
+from common.core import arch, evaluation, intervals, layer_inputs, models, tasks
 from common.core.cache import CACHE_VERSION, cached, tensor_digest
 from common.core.data import token_windows
 from common.core.env import cache_dir
@@ -23,6 +23,9 @@ from common.core.models import weights_id
 from common.sfsd import budgets, decomposition, lowrank, paper, search
 
 STATS_VERSION = 3
+
+#: Bump when what a cached ``uniform_table`` cell holds changes (2: per-window NLLs and per-item 0/1 for intervals).
+UNIFORM_FORMAT = 2
 
 
 def decomposition_dir(key: str, model: nn.Module, calibration: torch.Tensor, layers: list[int],
@@ -44,13 +47,14 @@ class Suite:
     tasks: dict[str, evaluation.MultipleChoice]
 
     def evaluate(self, start: int = 0, seed: int = 0) -> dict:
-        """``evaluation.average_accuracy`` over the tasks: mean accuracy, bootstrap ci95 and chance."""
+        """``evaluation.average_accuracy`` over the tasks: mean accuracy, bootstrap ci95 and chance, plus
+        ``correct``: per task the per-item 0/1 (what a paired interval between two models resamples)."""
         per_task = {}
         for name, mc in self.tasks.items():
             correct = mc.correct(start)
             per_task[name] = {"acc": sum(correct) / len(correct), "correct": correct,
                               "chance": tasks.chance_level(name, mc.docs)}
-        return average_accuracy(per_task, seed=seed)
+        return {**average_accuracy(per_task, seed=seed), "correct": {n: t["correct"] for n, t in per_task.items()}}
 
 
 def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: int | None, seed: int = 0,
@@ -67,24 +71,28 @@ def uniform_table(model: nn.Module, key: str, decomps: dict[str, decomposition.D
                   zero_shot: Suite | None, methods: tuple[str, ...], pcts: tuple[int, ...], protected: int,
                   seed: int = 0):
     """SFSD Table A on ``model``: perplexity and zero-shot accuracy at rank pct% of kappa in every module of
-    the unprotected layers, per method, plus the dense row (method "dense", pct 100). Each cell is cached."""
+    the unprotected layers, per method, plus the dense row (method "dense", pct 100). Each cell is cached, with
+    the per-unit values its intervals need: ``window_nll`` (each test window's mean NLL) and ``correct`` (per
+    task, each item's 0/1)."""
     import pandas as pd
 
     layers = sorted({d.target.layer for d in decomps.values() if d.target.layer >= protected})
     docs = {n: mc.docs for n, mc in zero_shot.tasks.items()} if zero_shot else {}
     base_key = {"model": weights_id(key), "decompositions": decomposition.decomposition_digest(decomps),
                 "windows": tensor_digest(windows.ids), "layers": layers,
-                "tasks": {n: len(d) for n, d in docs.items()}, "task_digest": _docs_digest(docs), "seed": seed}
+                "tasks": {n: len(d) for n, d in docs.items()}, "task_digest": _docs_digest(docs), "seed": seed,
+                "format": UNIFORM_FORMAT}
 
     def cell(method: str, pct: int) -> dict:
         def compute() -> dict:
             ranks = {} if method == "dense" else lowrank.uniform_ranks(decomps, pct, layers)
             with lowrank.decomposed(model, decomps, "feature" if method == "dense" else method, ranks):
-                out = {"ppl": windows.perplexity(protected), "share": lowrank.model_share(model, decomps, ranks, method),
-                       "params": budgets.param_count(model)}
+                ppl, window_nll = windows.perplexity_and_windows(protected)
+                out = {"ppl": ppl, "window_nll": window_nll.tolist(),
+                       "share": lowrank.model_share(model, decomps, ranks, method), "params": budgets.param_count(model)}
                 if zero_shot:
                     acc = zero_shot.evaluate(protected, seed)
-                    out.update(acc=acc["acc"], ci95=acc["ci95"], chance=acc["chance"])
+                    out.update(acc=acc["acc"], ci95=acc["ci95"], chance=acc["chance"], correct=acc["correct"])
             return out
         return cached("lowrank_uniform", {**base_key, "method": method, "pct": pct}, compute)
 
@@ -101,7 +109,10 @@ def _docs_digest(docs: dict[str, list[dict]]) -> str:
 
 
 def record_uniform(key: str, frame, tasks_note: str) -> None:
-    """DESIGN §9 keys: ``M/lowrank/<method>/<pct>/ppl|acc`` and ``M/lowrank/<pct>/whole_model_pct``."""
+    """DESIGN §9 keys: ``M/lowrank/<method>/<pct>/ppl|acc`` and ``M/lowrank/<pct>/whole_model_pct``; the methods'
+    comparisons at each budget with their 95% intervals: perplexity ratios paired over the test windows
+    (``intervals.perplexity_ratio``), accuracy differences paired over items resampled within each task
+    (``intervals.stratified_paired_difference``), and their mean over the budgets the same way."""
     dense = frame[frame.method == "dense"].iloc[0]
     record(f"{key}/lowrank/dense/ppl", dense.ppl, paper=paper.DENSE_PPL, paper_ref=paper.DENSE_PPL_REF)
     if "acc" in frame:
@@ -121,17 +132,35 @@ def record_uniform(key: str, frame, tasks_note: str) -> None:
     for pct in sorted({p for m, p in cells.index if m == "feature"}):
         for other in ("weight_svd", "feature_nomean", "feature_uncentred"):
             if (other, pct) in cells.index:
+                ratio = intervals.perplexity_ratio(cells.loc[(other, pct), "window_nll"], cells.loc[("feature", pct), "window_nll"])
                 record(f"{key}/lowrank/{pct}/{other}_over_feature_ppl", cells.loc[(other, pct), "ppl"] / cells.loc[("feature", pct), "ppl"],
-                       note=f"perplexity ratio at rank {pct}% of kappa")
+                       ci95=ratio["ci95"], note=f"perplexity ratio at rank {pct}% of kappa; 95% paired bootstrap over "
+                                                f"{ratio['n']} test windows")
         if "acc" in frame and ("weight_svd", pct) in cells.index:
+            diff = intervals.stratified_paired_difference(cells.loc[("feature", pct), "correct"],
+                                                          cells.loc[("weight_svd", pct), "correct"])
             record(f"{key}/lowrank/{pct}/feature_minus_svd_acc", cells.loc[("feature", pct), "acc"] - cells.loc[("weight_svd", pct), "acc"],
+                   ci95=diff["ci95"], note=_items_note(diff),
                    paper=None if pct not in (80, 50) else (paper.TABLE_A[("feature", pct)] - paper.TABLE_A[("weight_svd", pct)]) / 100,
                    paper_ref=paper.TABLE_A_REF if pct in (80, 50) else None)
-    pairs = [(cells.loc[("feature", p), "acc"], cells.loc[("weight_svd", p), "acc"]) for m, p in cells.index
-             if m == "feature" and ("weight_svd", p) in cells.index] if "acc" in frame else []
-    if pairs:
-        record(f"{key}/lowrank/feature_minus_svd_acc_mean", float(np.mean([f - w for f, w in pairs])),
-               note=f"mean over the {len(pairs)} uniform budgets of the accuracy difference")
+    pcts = [p for m, p in cells.index if m == "feature" and ("weight_svd", p) in cells.index] if "acc" in frame else []
+    if pcts:
+        pairs = [(cells.loc[("feature", p), "acc"], cells.loc[("weight_svd", p), "acc"]) for p in pcts]
+        diff = intervals.stratified_paired_difference(*(_mean_correct([cells.loc[(m, p), "correct"] for p in pcts])
+                                                        for m in ("feature", "weight_svd")))
+        record(f"{key}/lowrank/feature_minus_svd_acc_mean", float(np.mean([f - w for f, w in pairs])), ci95=diff["ci95"],
+               note=f"mean over the {len(pcts)} uniform budgets of the accuracy difference; {_items_note(diff)} "
+                    "(an item's difference averaged over the budgets)")
+
+
+def _items_note(diff: dict) -> str:
+    return (f"95% paired bootstrap over {diff['n']} items, resampled within each of the {diff['n_strata']} tasks "
+            "(unweighted mean over tasks)")
+
+
+def _mean_correct(per_budget: list[dict[str, list[float]]]) -> dict[str, np.ndarray]:
+    """Per task, each item's 0/1 averaged over budgets (the same items at every budget)."""
+    return {t: np.mean([b[t] for b in per_budget], axis=0) for t in per_budget[0]}
 
 
 @dataclass
@@ -242,16 +271,31 @@ def thirds(matrix: np.ndarray) -> list[float]:
     return [float(np.nanmean(matrix[p])) for p in parts]
 
 
+def last_minus_first_third(matrix: np.ndarray) -> dict:
+    """The last third's mean rank fraction minus the first third's (``thirds``), with a 95% bootstrap interval
+    over layers resampled within each third (``intervals.independent_difference`` of the per-layer means, layers
+    with no searched module left out). ``ci95`` is None when a third has fewer than two layers."""
+    parts = [matrix[p] for p in np.array_split(np.arange(len(matrix)), 3)]
+    first, last = ([float(np.nanmean(row)) for row in part if not np.isnan(row).all()] for part in (parts[0], parts[2]))
+    third = thirds(matrix)
+    if min(len(first), len(last)) < 2:
+        return {"value": third[2] - third[0], "ci95": None, "n": len(first) + len(last)}
+    diff = intervals.independent_difference(last, first)
+    return {**diff, "value": third[2] - third[0]}
+
+
 def record_search(key: str, state: search.SearchState, frame, ranks: np.ndarray, kinds: list[str], layers: list[int],
                   test_points: list[dict], scan: str) -> list[float]:
     """Notebook 05's perplexity-search keys (DESIGN §9 ``M/lowrank/search/ranks`` and its readings): the rank map,
     its thirds, the final share, search- and test-split perplexity, candidates scored; returns the thirds."""
-    third = thirds(ranks)
+    third, trend = thirds(ranks), last_minus_first_third(ranks)
     record(f"{key}/lowrank/search/ranks", [[None if x != x else float(x) for x in row] for row in ranks],
            note=f"rank / kappa per searched layer {layers[0]}-{layers[-1]} x {kinds}; 1 = kept dense")
     record(f"{key}/lowrank/search/rank_fraction_thirds", third,
            note="mean rank / kappa over the first, middle, last third of searched layers")
-    record(f"{key}/lowrank/search/last_minus_first_third", third[2] - third[0])
+    record(f"{key}/lowrank/search/last_minus_first_third", trend["value"], ci95=trend["ci95"],
+           note=f"95% bootstrap over the {trend['n']} layers of the first and last thirds, resampled within each third"
+           if trend["ci95"] else "a third has fewer than two layers: no interval over layers")
     record(f"{key}/lowrank/search/whole_model_pct", 100 * frame.share.iloc[-1])
     record(f"{key}/lowrank/search/ppl_search",
            frame.score.dropna().iloc[-1] if frame.score.notna().any() else state.base["ppl"],
@@ -353,20 +397,30 @@ def task_scorers(model: nn.Module, tok, key: str, splits: TaskSplits, metric: st
 def task_trajectory(model: nn.Module, decomps: dict[str, decomposition.Decomposition], state: search.SearchState,
                     split_mc: evaluation.MultipleChoice, test_mc: evaluation.MultipleChoice):
     """Accuracy on the search and test splits after each searched layer of a task search: a frame (modules,
-    share, search, test) and the dense accuracies {search, test}."""
+    share, search, test, and ``test_correct``: the test items' 0/1) and the dense accuracies {search, test,
+    test_correct}."""
     import pandas as pd
 
     ends = layer_ends(state)
-    points = {split: trajectory(model, decomps, state, ends, m.accuracy)
+    points = {split: trajectory(model, decomps, state, ends, m.correct)
               for split, m in (("search", split_mc), ("test", test_mc))}
     frame = pd.DataFrame({"modules": ends, "share": [p["share"] for p in points["test"]],
-                          "search": [p["value"] for p in points["search"]], "test": [p["value"] for p in points["test"]]})
-    return frame, {"search": state.base["split"], "test": test_mc.accuracy(0)}
+                          "search": [_accuracy(p["value"]) for p in points["search"]],
+                          "test": [_accuracy(p["value"]) for p in points["test"]],
+                          "test_correct": [p["value"] for p in points["test"]]})
+    dense = test_mc.correct(0)
+    return frame, {"search": state.base["split"], "test": _accuracy(dense), "test_correct": dense}
+
+
+def _accuracy(correct: list[float]) -> float:
+    """``MultipleChoice.accuracy`` from its ``correct``."""
+    return sum(correct) / len(correct)
 
 
 def record_task_search(key: str, task: str, frame, dense_acc: dict[str, float], state: search.SearchState) -> None:
     """Notebook 05's task-search keys (SFSD Table B): accuracy after each searched layer on both splits, the
-    dense test accuracy, the final differences to dense, the parameter share and the modules compressed."""
+    dense test accuracy, the final differences to dense (the test split's with its interval, paired over items:
+    ``task_trajectory``'s ``test_correct``), the parameter share and the modules compressed."""
     base = f"{key}/lowrank/task_search/{task}"
     kept = sum(s["rank"] is not None for s in state.steps)
     record(f"{base}/search_acc", frame.search.tolist(), paper_ref="SFSD Table B (search on 20%)",
@@ -374,8 +428,10 @@ def record_task_search(key: str, task: str, frame, dense_acc: dict[str, float], 
     record(f"{base}/test_acc", frame.test.tolist(), paper_ref="SFSD Table B (reported on 80%)",
            note=f"dense {dense_acc['test']:.3f}")
     record(f"{base}/dense_test_acc", dense_acc["test"])
-    record(f"{base}/test_minus_dense", frame.test.iloc[-1] - dense_acc["test"],
-           paper=paper.TASK_SEARCH_TEST_MINUS_DENSE, paper_ref=paper.TASK_SEARCH_REF)
+    diff = intervals.paired_difference(frame.test_correct.iloc[-1], dense_acc["test_correct"])
+    record(f"{base}/test_minus_dense", frame.test.iloc[-1] - dense_acc["test"], ci95=diff["ci95"],
+           paper=paper.TASK_SEARCH_TEST_MINUS_DENSE, paper_ref=paper.TASK_SEARCH_REF,
+           note=f"final state minus dense; 95% paired bootstrap over the {diff['n']} test items")
     record(f"{base}/search_minus_dense", frame.search.iloc[-1] - dense_acc["search"])
     record(f"{base}/whole_model_pct", 100 * frame.share.iloc[-1])
     record(f"{base}/modules_compressed", kept, note=f"of {len(state.steps)} visited")

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from common.core import arch, capture, evaluation, layer_inputs
+from common.core import arch, capture, evaluation, intervals, layer_inputs
 from common.core.hooks import hooked
 from common.core.manifest import record
 from common.hoc import ablation, scoring
@@ -167,9 +167,9 @@ def ablation_frame(profiles: dict[str, SinkProfile], massive_layer: int,
                    threshold: float = attention.SINK_SHARE) -> pd.DataFrame:
     """One row per condition, over the layers after the massive one: the mean attention mass on position 0
     and the largest column's share (mean over heads and windows, with a bootstrap 95% interval over the
-    windows), the share of (window, layer, head) triples whose sink is not position 0 (moved sinks), the
-    lazy layers (MaxRank < 2) and sink layers (mass on position 0 >= ``threshold``) among them, and the
-    first token's massive ratio there."""
+    windows; ``pos0_share_windows`` the per-window values behind it), the share of (window, layer, head)
+    triples whose sink is not position 0 (moved sinks), the lazy layers (MaxRank < 2) and sink layers (mass on
+    position 0 >= ``threshold``) among them, and the first token's massive ratio there."""
     n_layers = {p.hidden_pos0.shape[1] for p in profiles.values()}
     if not profiles or any(not 0 <= massive_layer < n for n in n_layers):
         raise ValueError(f"massive layer {massive_layer} must lie inside every profile's layers {sorted(n_layers)} "
@@ -181,6 +181,7 @@ def ablation_frame(profiles: dict[str, SinkProfile], massive_layer: int,
         share, col = _window_mean(m["pos0_share"], after), _window_mean(m["maxcol_share"], after)
         rank = p.attention.max_rank()[after]
         rows[name] = {"pos0_share": share.mean(), "pos0_share_ci95": evaluation.bootstrap_ci(share),
+                      "pos0_share_windows": share,
                       "maxcol_share": col.mean(), "maxcol_share_ci95": evaluation.bootstrap_ci(col),
                       "moved_sinks": float((m["sink"][:, after] != 0).double().mean()),
                       "lazy_layers": int((rank < attention.LAZY_LAYER).sum()),
@@ -191,7 +192,8 @@ def ablation_frame(profiles: dict[str, SinkProfile], massive_layer: int,
 
 def record_ablation(key: str, frame: pd.DataFrame | None, k: int, seeds: Sequence[int]) -> None:
     """Notebook 06 §2 keys from ``ablation_frame`` (rows base, zero_top<k>, random controls): every row's readings
-    and the changes of the mass on position 0; ``frame=None`` (no massive layer): those two as null."""
+    and the changes of the mass on position 0 (the random controls' mean over seeds) with their 95% intervals,
+    paired over windows; ``frame=None`` (no massive layer): those two as null."""
     base = f"{key}/synthesis/ablation"
     if frame is None:
         for q in ("zero_minus_base_pos0_share", "random_minus_base_pos0_share"):
@@ -205,9 +207,14 @@ def record_ablation(key: str, frame: pd.DataFrame | None, k: int, seeds: Sequenc
                    note=f"mean over the {row['layers']} layers after the massive one, heads, windows")
         for q in ("moved_sinks", "lazy_layers", "sink_layers", "ratio_after"):
             record(f"{base}/{cond}/{q}", row[q])
-    record(f"{base}/zero_minus_base_pos0_share", frame.pos0_share[zero] - frame.pos0_share["base"])
+    windows = frame.pos0_share_windows
+    zeroed = intervals.paired_difference(windows[zero], windows["base"])
+    record(f"{base}/zero_minus_base_pos0_share", frame.pos0_share[zero] - frame.pos0_share["base"], ci95=zeroed["ci95"],
+           note=f"95% paired bootstrap over {zeroed['n']} windows (sequences)")
+    randoms = intervals.paired_difference(np.mean([windows[c] for c in rand], axis=0), windows["base"])
     record(f"{base}/random_minus_base_pos0_share", frame.pos0_share[rand].mean() - frame.pos0_share["base"],
-           note=f"mean over seeds {list(seeds)}")
+           ci95=randoms["ci95"], note=f"mean over seeds {list(seeds)}; 95% paired bootstrap over {randoms['n']} windows "
+                                      "(sequences), each window's change averaged over the seeds")
 
 
 def layer_fraction(ranks: Sequence[Sequence[float | None]]) -> np.ndarray:
@@ -349,21 +356,25 @@ def lost_mean_share(decomps: dict[str, decomposition.Decomposition], means: dict
 
 def mean_part_perplexities(model: nn.Module, decomps: dict[str, decomposition.Decomposition],
                            means: dict[str, tuple[torch.Tensor, torch.Tensor]], seq_len: int,
-                           inputs: layer_inputs.LayerInputs, start: int, ranks: dict[str, int]) -> dict[str, float]:
+                           inputs: layer_inputs.LayerInputs, start: int,
+                           ranks: dict[str, int]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Perplexity (from ``inputs``' cached inputs of layer ``start``) dense and, at ``ranks``, with the mean
-    term built from each part of ``MEAN_PARTS`` (``mean_parts``)."""
-    out = {"dense": inputs.perplexity(start)}
+    term built from each part of ``MEAN_PARTS`` (``mean_parts``); and, from the same passes, each one's
+    per-window mean NLLs (``LayerInputs.perplexity_and_windows``)."""
+    ppl, nll = {}, {}
+    ppl["dense"], nll["dense"] = inputs.perplexity_and_windows(start)
     for part in MEAN_PARTS:
         with lowrank.decomposed(model, mean_parts(decomps, means, seq_len, part), "feature", ranks):
-            out[part] = inputs.perplexity(start)
-    return out
+            ppl[part], nll[part] = inputs.perplexity_and_windows(start)
+    return ppl, nll
 
 
-def record_mean_term(key: str, gap: float, share: pd.DataFrame, mean_ppl: dict[str, float], nb05_ppl: float,
-                     pct: float, layers: Sequence[int]) -> None:
+def record_mean_term(key: str, gap: float, share: pd.DataFrame, mean_ppl: dict[str, float],
+                     mean_nll: dict[str, np.ndarray], nb05_ppl: float, pct: float, layers: Sequence[int]) -> None:
     """Notebook 06 §4 keys: the parts' consistency ``gap``, perplexity with each part of the mean term, the
-    first token's share of the discarded mean (``lost_mean_share``), and the check against notebook 05's
-    feature perplexity at the same budget (``nb05_ppl``)."""
+    first token's share of the discarded mean (``lost_mean_share``), each part's perplexity over the whole
+    term's with its 95% interval paired over windows (``mean_nll``: ``mean_part_perplexities``' per-window
+    NLLs), and the check against notebook 05's feature perplexity at the same budget (``nb05_ppl``)."""
     base = f"{key}/synthesis/meanterm"
     record(f"{base}/parts_gap", gap, note="max relative |mu_0/T + (T-1) mu_rest/T - mu|: the parts add up to notebook 05's mean")
     for part, ppl in mean_ppl.items():
@@ -378,7 +389,9 @@ def record_mean_term(key: str, gap: float, share: pd.DataFrame, mean_ppl: dict[s
     record(f"{base}/share_first_token_max", share.share_first_token.max(),
            note="largest share of a module's discarded mean energy carried by the first token's part mu_0/T")
     for part, what in (("first_token", "the first token's part of the mean term"), ("other_tokens", "the other tokens' part")):
-        record(f"{base}/{part}_over_all_ppl", mean_ppl[part] / mean_ppl["all"], note=f"perplexity with only {what} / with all of it")
+        ratio = intervals.perplexity_ratio(mean_nll[part], mean_nll["all"])
+        record(f"{base}/{part}_over_all_ppl", mean_ppl[part] / mean_ppl["all"], ci95=ratio["ci95"],
+               note=f"perplexity with only {what} / with all of it; 95% paired bootstrap over {ratio['n']} windows")
     record(f"{base}/check_all_vs_nb05", mean_ppl["all"] / nb05_ppl,
            note="ratio to notebook 05's feature ppl at the same budget (1 = same computation)")
 
@@ -400,8 +413,8 @@ def massive_layer_perplexity(model: nn.Module, decomps: dict[str, decomposition.
     """Perplexity (from ``inputs``' cached layer inputs) with the modules of the massive ``layer`` (those of
     ``kinds``, default all) at rank pct% of kappa; with ``protect`` the rows that produce the intermediate
     channels ``rows`` (``massive_rows``: gate and up) stay exact and their pairs lose rank so that each
-    module keeps the same parameter count (``protected.protected_rank``). Also the parameters of the replaced
-    modules, counted from the modules."""
+    module keeps the same parameter count (``protected.protected_rank``). Also the per-window mean NLLs behind
+    the perplexity and the parameters of the replaced modules, counted from the modules."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     ranks = {p: r for p, r in lowrank.uniform_ranks(decomps, pct, [layer]).items()
              if kinds is None or decomps[p].target.kind in kinds}
@@ -420,9 +433,9 @@ def massive_layer_perplexity(model: nn.Module, decomps: dict[str, decomposition.
             used[p] = r
             replacements[p] = (lambda p=p, r=r: lowrank.factorised(model, decomps[p], method, r))
     with lowrank.swapped(model, replacements):
-        ppl = inputs.perplexity(layer)
+        ppl, window_nll = inputs.perplexity_and_windows(layer)
         params = sum(q.numel() for p in ranks for q in model.get_submodule(p).parameters())
-    return {"ppl": ppl, "params": params, "ranks": used}
+    return {"ppl": ppl, "window_nll": window_nll, "params": params, "ranks": used}
 
 
 #: §5's scopes: every module of the massive layer, or only the two that hold its massive rows.
@@ -434,7 +447,7 @@ def protected_table(model: nn.Module, decomps: dict[str, decomposition.Decomposi
                     layer: int, rows: Sequence[int], pcts: Sequence[float],
                     scopes: dict[str, Sequence[str] | None] = PROTECT_SCOPES) -> pd.DataFrame:
     """``massive_layer_perplexity`` for every scope, method (weight_svd, feature), pct and with / without the
-    massive rows kept exact: one row each (scope, method, pct, protected, ppl, params)."""
+    massive rows kept exact: one row each (scope, method, pct, protected, ppl, window_nll, params)."""
     out = []
     for scope, kinds in scopes.items():
         for method in ("weight_svd", "feature"):
@@ -442,20 +455,23 @@ def protected_table(model: nn.Module, decomps: dict[str, decomposition.Decomposi
                 for guarded in (False, True):
                     r = massive_layer_perplexity(model, decomps, moments, inputs, layer, rows, method, pct, guarded, kinds)
                     out.append({"scope": scope, "method": method, "pct": pct, "protected": guarded, "ppl": r["ppl"],
-                                "params": r["params"]})
+                                "window_nll": r["window_nll"], "params": r["params"]})
     return pd.DataFrame(out)
 
 
 def record_protected(key: str, table: pd.DataFrame, dense_ppl: float, layer: int, k: int) -> None:
     """Notebook 06 §5 keys from ``protected_table``: per scope, method and pct the perplexity plain and with the
-    top-``k`` rows exact, their ratio and the parameter ratio; the dense perplexity first."""
+    top-``k`` rows exact, their ratio (95% interval paired over windows) and the parameter ratio; the dense
+    perplexity first."""
     record(f"{key}/synthesis/protected/dense_ppl", dense_ppl)
     for (scope, method, pct), f in table.groupby(["scope", "method", "pct"]):
         plain, guarded = f[~f.protected].iloc[0], f[f.protected].iloc[0]
         base = f"{key}/synthesis/protected/{scope}/{method}/{pct}"
         record(f"{base}/ppl", plain.ppl, note=f"layer {layer}, {scope} modules at {pct}% of kappa")
         record(f"{base}/ppl_protected", guarded.ppl, note=f"the same, top-{k} gate/up rows exact")
-        record(f"{base}/protected_over_plain", guarded.ppl / plain.ppl)
+        ratio = intervals.perplexity_ratio(guarded.window_nll, plain.window_nll)
+        record(f"{base}/protected_over_plain", guarded.ppl / plain.ppl, ci95=ratio["ci95"],
+               note=f"95% paired bootstrap over {ratio['n']} windows")
         record(f"{base}/param_ratio", guarded.params / plain.params, note="parameters of the replaced modules, protected / plain (<= 1)")
 
 

@@ -1,4 +1,4 @@
-"""``common.core.evaluation``: perplexity over fixed windows."""
+"""``common.core.evaluation``: perplexity and per-window NLL over fixed windows."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,3 +73,32 @@ def test_perplexity_bad_shape(shape) -> None:
     model = _LogitModel(lambda ids: torch.zeros(*ids.shape, 5))
     with pytest.raises(ValueError, match="windows must be"):
         evaluation.perplexity(model, torch.zeros(shape, dtype=torch.long))
+
+
+def test_window_nll_scores_each_window_on_its_own() -> None:
+    """One value per window, in window order: a model that knows the next token of the even windows only has
+    NLL ~0 there and log V (uniform) on the odd ones, whatever the batch split."""
+    vocab, ids = 13, _windows(n=5, vocab=13)
+    knows = {tuple(w.tolist()): float(i % 2 == 0) for i, w in enumerate(ids)}
+
+    def make(x):
+        sure = torch.tensor([knows[tuple(w.tolist())] for w in x])[:, None, None]
+        return 30.0 * sure * nn.functional.one_hot(torch.roll(x, -1, dims=1), vocab).float()
+
+    for batch_size in (1, 2, 5):
+        nll = evaluation.window_nll(_LogitModel(make), ids, batch_size)
+        assert nll.shape == (5,) and nll.dtype == np.float64
+        assert np.allclose(nll[0::2], 0.0, atol=1e-6) and np.allclose(nll[1::2], math.log(vocab), rtol=1e-6)
+
+
+def test_perplexity_is_exp_of_total_nll_over_tokens(tiny_llama) -> None:
+    """Every window scores T - 1 tokens, so exp(mean of the window means) is today's exp(total NLL / tokens)."""
+    model, tok = tiny_llama
+    windows = data.token_windows(tok, "tiny-llama", "synthetic", 5, 32)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.float()
+    total = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+    want = math.exp(float(total) / windows[:, 1:].numel())
+    nll = evaluation.window_nll(model, windows, batch_size=2)
+    assert evaluation.perplexity(model, windows, batch_size=2) == pytest.approx(want, rel=1e-6)
+    assert math.exp(nll.mean()) == pytest.approx(want, rel=1e-6) and len(set(nll.round(6))) == 5

@@ -98,3 +98,76 @@ def test_function_of_means_excludes_a_planted_column_and_holds_the_null_without_
 def test_function_of_means_refuses_what_is_not_per_unit_vectors(bad):
     with pytest.raises(ValueError, match=r"\[n_units, k\]"):
         intervals.function_of_means(bad, lambda m: m[:, 0])
+
+
+def test_mean_perplexity_ratio_of_one_arm_is_the_perplexity_ratio():
+    rng = np.random.default_rng(6)
+    control = rng.normal(3.0, 0.3, 40)
+    treated = control + rng.normal(0.1, 0.05, 40)
+    one = intervals.mean_perplexity_ratio([treated], control)
+    ref = intervals.perplexity_ratio(treated, control)
+    assert one["value"] == pytest.approx(ref["value"]) and one["ci95"] == pytest.approx(ref["ci95"]) and one["n"] == 40
+
+
+def test_mean_perplexity_ratio_averages_the_arms_and_excludes_a_planted_rise():
+    rng = np.random.default_rng(7)
+    control = rng.normal(3.0, 0.5, 30)  # windows differ a lot; the pairing removes that spread
+    noise = [control + rng.normal(0.0, 0.01, 30) for _ in range(3)]
+    flat = intervals.mean_perplexity_ratio(noise, control)
+    assert flat["ci95"][0] < 1.0 < flat["ci95"][1]
+    assert flat["value"] == pytest.approx(np.mean([np.exp(a.mean() - control.mean()) for a in noise]))
+    risen = intervals.mean_perplexity_ratio([a + 0.05 for a in noise], control)
+    assert risen["ci95"][0] > 1.0
+
+
+def test_mean_perplexity_ratio_refuses_unpaired_arms():
+    with pytest.raises(ValueError, match="pairs the control's windows"):
+        intervals.mean_perplexity_ratio([np.zeros(4)], np.zeros(5))
+
+
+def test_stratified_mean_is_the_unweighted_mean_over_strata_and_resamples_within_them():
+    strata = {"big": np.ones(200), "small": np.zeros(4)}  # a pooled mean would be ~0.98
+    out = intervals.stratified_mean(strata)
+    assert out["value"] == 0.5 and out["n"] == 204 and out["n_strata"] == 2
+    assert out["ci95"] == [0.5, 0.5]  # constant within each stratum: a stratum never loses its units
+    assert intervals.stratified_mean(strata, seed=3) == out
+
+
+def test_stratified_paired_difference_excludes_a_planted_drop_and_holds_the_null_without_one():
+    rng = np.random.default_rng(8)
+    control = {t: rng.integers(0, 2, 60).astype(float) for t in ("a", "b", "c")}
+    same = {t: v.copy() for t, v in control.items()}
+    for v in same.values():  # the same accuracy, different items right: no effect
+        flip = rng.permutation(60)[:10]
+        v[flip] = 1 - v[flip]
+    flat = intervals.stratified_paired_difference(same, control)
+    assert flat["ci95"][0] < 0.0 < flat["ci95"][1]
+    dropped = {t: np.where(rng.random(60) < 0.4, 0.0, v) for t, v in control.items()}
+    drop = intervals.stratified_paired_difference(dropped, control)
+    want = np.mean([(dropped[t] - control[t]).mean() for t in control])
+    assert drop["value"] == pytest.approx(want) and drop["ci95"][1] < 0.0
+
+
+@pytest.mark.parametrize("treated, control, match", [
+    ({"a": [1.0, 0.0]}, {"b": [1.0, 0.0]}, "same strata"),
+    ({"a": [1.0, 0.0]}, {"a": [1.0, 0.0, 1.0]}, "same units"),
+    ({"a": [1.0]}, {"a": [0.0]}, ">= 2 finite"),
+    ({}, {}, "no strata"),
+])
+def test_stratified_paired_difference_refuses_unpaired_or_empty_strata(treated, control, match):
+    with pytest.raises(ValueError, match=match):
+        intervals.stratified_paired_difference(treated, control)
+
+
+def test_independent_difference_resamples_each_sample_within_itself():
+    """Two groups of different units (and sizes): a planted gap is excluded, no gap is held, the value exact."""
+    rng = np.random.default_rng(9)
+    first, last = rng.normal(0.6, 0.1, 9), rng.normal(0.6, 0.1, 8)
+    flat = intervals.independent_difference(last, first)
+    assert flat["value"] == pytest.approx(last.mean() - first.mean()) and flat["n"] == 17
+    assert flat["ci95"][0] < 0.0 < flat["ci95"][1]
+    gap = intervals.independent_difference(last - 0.3, first)
+    assert gap["ci95"][1] < 0.0 and gap["ci95"][0] < gap["value"] < gap["ci95"][1]
+    assert intervals.independent_difference([1.0, 1.0], [0.0, 0.0])["ci95"] == [1.0, 1.0]  # constant: no spread
+    with pytest.raises(ValueError, match=">= 2 finite"):
+        intervals.independent_difference([1.0], [0.0, 0.5])

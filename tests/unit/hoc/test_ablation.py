@@ -7,13 +7,14 @@ attacks and the result cache, on the planted tiny Llama (no real model, no zero-
 from __future__ import annotations
 
 import json
+import math
 import types
 
-import pandas as pd
+import numpy as np
 import pytest
 import torch
 
-from common.core import capture, data, manifest, models
+from common.core import capture, data, evaluation, manifest, models
 from common.core.models import PLANT
 from common.core.profiles import load_config
 from common.hoc import ablation, detection, edits
@@ -58,11 +59,58 @@ def test_run_sweep_and_record_sweep(attacked, records) -> None:
     assert "tiny-llama/sweep/random/acc" not in recs and recs["tiny-llama/sweep/zero/ppl"]["note"] == "k = [0, 1, 2]"
 
 
-def test_record_circuit(records) -> None:
-    frame = pd.DataFrame([{"model": "m", "attack": "sun_zero", "ppl": 10.0, "ppl_ratio": 5.0}]).set_index(
-        ["model", "attack"])
-    ablation.record_circuit(frame)
-    assert records()["m/circuit/sun_zero/ppl_ratio"]["value"] == 5.0
+def _result(window_nll, correct: dict[str, list[float]] | None = None) -> dict:
+    """An ``evaluate`` result from per-window NLLs and, optionally, per-task per-item 0/1 scores."""
+    nll = np.asarray(window_nll, dtype=float)
+    tasks = {t: {"acc": float(np.mean(c)), "correct": list(c), "chance": 0.5} for t, c in correct.items()} \
+        if correct else None
+    return {"ppl": math.exp(nll.mean()), "window_nll": nll.tolist(), "tasks": tasks,
+            "avg": evaluation.average_accuracy(tasks) if tasks else None}
+
+
+def test_record_circuit_gives_each_ratio_its_paired_interval_over_windows(records) -> None:
+    """A planted NLL rise on every window excludes a ratio of 1; window-sized noise around the intact model does
+    not (the windows differ a lot from each other: only the pairing makes the rise visible)."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 1.0, 24)
+    rows = {"m": {"base": _result(base), "sun_zero": _result(base + 0.1 + rng.normal(0, 0.02, 24)),
+                  "sun_mean": _result(base + rng.normal(0, 0.02, 24)), "zero_top2": _result(base + 5)}}
+    ablation.record_circuit(rows)
+    recs = records()
+    zero, mean = recs["m/circuit/sun_zero/ppl_ratio"], recs["m/circuit/sun_mean/ppl_ratio"]
+    assert zero["value"] == pytest.approx(rows["m"]["sun_zero"]["ppl"] / rows["m"]["base"]["ppl"])
+    assert 1.0 < zero["ci95"][0] <= zero["value"] <= zero["ci95"][1]
+    assert mean["ci95"][0] < 1.0 < mean["ci95"][1] and "paired bootstrap over 24 windows" in mean["note"]
+    assert "m/circuit/zero_top2/ppl_ratio" not in recs  # a Table 1 row, not a circuit attack
+
+
+def test_record_table1_intervals_exclude_planted_effects_only(records) -> None:
+    """ppl_ratio: paired over windows (random: the mean ratio over its seeds); acc_delta: paired over items,
+    resampled within each task. The values stay the point estimates (ratio of perplexities, difference of
+    averages)."""
+    rng = np.random.default_rng(1)
+    base_nll = rng.normal(3.0, 1.0, 16)
+    base_acc = {t: rng.integers(0, 2, 80).astype(float) for t in ("a", "b")}
+    wrong = {t: np.where(rng.random(80) < 0.5, 0.0, c) for t, c in base_acc.items()}  # accuracy falls
+    same = {t: rng.permutation(c) for t, c in base_acc.items()}  # the same accuracy, other items right
+    rows = {"base": _result(base_nll, base_acc), "zero_top2": _result(base_nll + 1.0, wrong),
+            "keep_top2": _result(base_nll + rng.normal(0, 0.01, 16), same),
+            "random_top2_s0": _result(base_nll + rng.normal(0, 0.01, 16), same),
+            "random_top2_s1": _result(base_nll + rng.normal(0, 0.01, 16))}
+    ablation.record_table1("m", rows, 2)
+    recs = records()
+    ratio = {row: recs[f"m/ppl_ratio/{row}"] for row in ("base", "zero_top2", "keep_top2", "random_top2")}
+    assert ratio["base"]["value"] == 1.0 and ratio["base"]["ci95"] == [1.0, 1.0]
+    assert ratio["zero_top2"]["ci95"][0] > 2.0 and ratio["keep_top2"]["ci95"][0] < 1.0 < ratio["keep_top2"]["ci95"][1]
+    seeds = (rows["random_top2_s0"]["ppl"] + rows["random_top2_s1"]["ppl"]) / 2
+    assert ratio["random_top2"]["value"] == pytest.approx(seeds / rows["base"]["ppl"])
+    assert ratio["random_top2"]["ci95"][0] < 1.0 < ratio["random_top2"]["ci95"][1]
+    assert "mean over the seeds" in ratio["random_top2"]["note"]
+    delta = {row: recs[f"m/acc_delta/{row}"] for row in ("zero_top2", "keep_top2", "random_top2")}
+    assert delta["zero_top2"]["value"] == pytest.approx(rows["zero_top2"]["avg"]["acc"] - rows["base"]["avg"]["acc"])
+    assert delta["zero_top2"]["ci95"][1] < 0.0 and "160 items" in delta["zero_top2"]["note"]
+    for row in ("keep_top2", "random_top2"):  # random: seed 0's items, as its accuracy
+        assert delta[row]["value"] == 0.0 and delta[row]["ci95"][0] < 0.0 < delta[row]["ci95"][1]
 
 
 @pytest.fixture
@@ -97,6 +145,8 @@ def test_record_table1_writes_required_keys_and_refusal_nulls(planted, tmp_path)
     for row in ("base", "zero_top1", "keep_top1", "random_top1"):
         assert recs[f"tiny-llama/ppl/{row}"]["value"] > 1
         assert f"tiny-llama/acc/{row}" in recs
+        lo, hi = recs[f"tiny-llama/ppl_ratio/{row}"]["ci95"]
+        assert lo <= hi and "over 4 windows" in recs[f"tiny-llama/ppl_ratio/{row}"]["note"]
     assert recs["other/ppl/zero_top1"]["value"] is None and "refuse" in recs["other/ppl/zero_top1"]["note"]
     assert recs["other/ppl/base"]["value"] == rows["base"]["ppl"]
 
@@ -126,7 +176,7 @@ def test_evaluate_is_cached_and_restores_the_model(planted, monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = ablation.evaluate(model, tok, "tiny-llama", attack, windows, batch_size=2)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    monkeypatch.setattr(ablation.evaluation, "perplexity", lambda *a, **k: pytest.fail("not cached"))
+    monkeypatch.setattr(ablation.evaluation, "window_nll", lambda *a, **k: pytest.fail("not cached"))
     assert ablation.evaluate(model, tok, "tiny-llama", attack, windows, batch_size=2) == first
 
 
@@ -136,15 +186,15 @@ def test_perplexity_and_zero_shot_get_their_own_batch_sizes(planted, monkeypatch
     model, tok, windows, _, ranked = planted
     seen = {}
 
-    def ppl(model, windows, batch_size):
+    def window_nll(model, windows, batch_size):
         seen["ppl"] = batch_size
-        return 1.0
+        return np.zeros(len(windows))
 
     def zero_shot(model, tok, tasks, n_items, seed, batch_size, prepend_bos):
         seen.setdefault("zero_shot", []).append(batch_size)
         return {t: {"acc": 0.5, "correct": [1.0, 0.0], "chance": 0.5} for t in tasks}
 
-    monkeypatch.setattr(ablation.evaluation, "perplexity", ppl)
+    monkeypatch.setattr(ablation.evaluation, "window_nll", window_nll)
     monkeypatch.setattr(ablation.evaluation, "zero_shot", zero_shot)
     ablation.evaluate(model, tok, "tiny-llama", ablation.BASE, windows, ("commonsense",), 4, 1, eval_batch_size=16)
     assert seen == {"ppl": 1, "zero_shot": [16]}

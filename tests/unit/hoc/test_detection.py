@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from common.core import arch, capture, data, models
+from common.core import arch, capture, data, intervals, models
 from common.core.capture import Stats
 from common.core.models import PLANT
 from common.core.profiles import DETECTION_PROMPTS
@@ -26,13 +26,29 @@ def planted():
 
 def test_record_write_share(planted, records) -> None:
     share = detection.record_write_share(planted)
-    assert share == detection.write_share(planted) and 0 < share <= 1
+    assert share == detection.write_share(planted)["value"] and 0 < share <= 1
     rec = records()["tiny-llama/massive_channels_write_share"]
-    assert rec["value"] == share and "top-k" in rec["note"]
+    assert rec["value"] == share and "top-k" in rec["note"] and "2 prompts" in rec["note"]
+    assert rec["ci95"][0] <= share <= rec["ci95"][1]
+
+
+def test_write_share_is_the_share_of_the_mean_contributions(planted) -> None:
+    """The value is computed from the mean over prompts of the contributions (as plotted); the interval is over
+    prompts: two prompts that disagree give a wide one, identical prompts a point."""
+    contrib = planted.contributions.numpy()
+    want = abs(contrib[planted.report.channels]).sum() / abs(contrib).sum()
+    assert detection.write_share(planted)["value"] == pytest.approx(want, rel=1e-5)
+    half = torch.zeros_like(planted.prompt_contributions)
+    half[:, :2] = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(len(half) // 2 + 1, 1)[: len(half)]
+    split = dataclasses.replace(planted, prompt_contributions=half,
+                                report=dataclasses.replace(planted.report, channels=[0]))
+    assert detection.write_share(split)["ci95"][0] < 0.5 < detection.write_share(split)["ci95"][1]
+    same = dataclasses.replace(split, prompt_contributions=half[:1].repeat(len(half), 1))
+    assert detection.write_share(same)["value"] == 1.0 and detection.write_share(same)["ci95"] == [1.0, 1.0]
 
 
 def test_write_share_none_without_contributions(planted, records) -> None:
-    empty = dataclasses.replace(planted, contributions=None)
+    empty = dataclasses.replace(planted, prompt_contributions=None)
     assert detection.record_write_share(empty) is None
     assert "tiny-llama/massive_channels_write_share" not in records()
 
@@ -320,3 +336,75 @@ def test_find_massive_needs_whole_tensor_window_stats(tiny_llama) -> None:
     stats = capture.capture(model, [ids], points=capture.POINTS)
     with pytest.raises(ValueError, match="whole=True"):
         detection.find_massive(stats, stats)
+
+
+# ------------------------------------------------------------------------- intervals over prompts
+
+
+def _origin_stats(ffn: list[float], attn: list[float]) -> Stats:
+    """Position-0 statistics of one hidden dim at layer 1 (layer 0's output 0) with the given per-prompt branches."""
+    ffn_t, attn_t = torch.tensor(ffn), torch.tensor(attn)
+    zeros = torch.zeros_like(ffn_t)
+    hidden = torch.stack([zeros, ffn_t + attn_t], dim=1)[..., None]  # [N, 2 layers, 1 dim]
+    return Stats(pos0={"hidden": hidden, "mlp_out": torch.stack([zeros, ffn_t], dim=1)[..., None]})
+
+
+def test_ffn_share_over_prompts() -> None:
+    """The share of the means (as origin_split gives it); the FFN writing nearly everything on every prompt gives
+    an interval above 0.9; branches that trade places across prompts give one holding 0.5."""
+    rng = torch.Generator().manual_seed(0)
+    ffn = (100 + torch.randn(20, generator=rng)).tolist()
+    attn = torch.randn(20, generator=rng).tolist()
+    stats = _origin_stats(ffn, attn)
+    split = detection.origin_split(stats, 1, [0])
+    share = detection.ffn_share(stats, 1, [0])
+    assert share["value"] == pytest.approx(abs(split["ffn"]) / (abs(split["ffn"]) + abs(split["attn"])))
+    assert share["ci95"][0] > 0.9 and share["n"] == 20
+    swapped = detection.ffn_share(_origin_stats([10.0, 0.0] * 10, [0.0, 10.0] * 10), 1, [0])
+    assert swapped["value"] == pytest.approx(0.5) and swapped["ci95"][0] < 0.5 < swapped["ci95"][1]
+
+
+def test_layer_agreement_is_a_wilson_share_of_prompts() -> None:
+    report = detection.MassiveReport(layer=1, channels=[0], channel_values=[1.0], channel_stability=[1.0],
+                                     per_prompt_layers=[1, 1, 1, None, 2], ref_layer=1, hidden_dims=[],
+                                     hidden_max=0.0, hidden_ratio=0.0, hidden_ratio_pos0=0.0)
+    assert detection.layer_agreement(report) == intervals.proportion(3, 5)
+    unanimous = dataclasses.replace(report, per_prompt_layers=[1] * 30)
+    assert detection.layer_agreement(unanimous)["ci95"][0] > 0.85  # Wilson's lower bound at 30 of 30
+
+
+def test_hidden_ratio_interval_over_prompts(planted) -> None:
+    """With BOS every prompt's position 0 is the same token: the value is the report's and the interval a point;
+    prompts whose top |h| differs by 10x give an interval spanning the spread."""
+    r = planted.report
+    same = detection.hidden_ratio(planted)
+    assert same["value"] == pytest.approx(r.hidden_ratio, rel=1e-5)
+    assert same["ci95"] == pytest.approx([r.hidden_ratio] * 2, rel=1e-5)
+    hidden = planted.prompts.pos0["hidden"].clone()
+    hidden[1, r.ref_layer] *= 10
+    spread = detection.hidden_ratio(dataclasses.replace(
+        planted, prompts=dataclasses.replace(planted.prompts, pos0={**planted.prompts.pos0, "hidden": hidden})))
+    assert spread["ci95"][0] < 2 * r.hidden_ratio and spread["ci95"][1] > 9 * r.hidden_ratio
+
+
+def test_record_measurement_records_intervals_over_prompts(planted, records) -> None:
+    detection.record_measurement(planted)
+    recs = records()
+    agreement = recs["tiny-llama/massive_layer_agreement"]
+    assert agreement["value"] == 1.0 and agreement["ci95"] == intervals.proportion(2, 2)["ci95"]
+    stable = recs["tiny-llama/massive_top2_stability"]
+    assert stable["ci95"] == intervals.proportion(round(stable["value"] * 2), 2)["ci95"]
+    for key in ("massive_hidden_ratio", "origin/ffn_share"):
+        rec = recs[f"tiny-llama/{key}"]
+        assert rec["ci95"][0] <= rec["value"] * (1 + 1e-6) and rec["value"] <= rec["ci95"][1] * (1 + 1e-6), key
+        assert "2 prompts" in rec["note"], key
+    assert recs["tiny-llama/massive_hidden_ratio"]["value"] == planted.report.hidden_ratio
+
+
+def test_record_measurement_without_a_massive_layer_records_no_agreement(planted, records) -> None:
+    none = dataclasses.replace(planted, report=dataclasses.replace(planted.report, layer=None, channels=[],
+                                                                   channel_values=[], channel_stability=[]))
+    detection.record_measurement(none)
+    recs = records()
+    assert recs["tiny-llama/massive_layer_agreement"]["value"] is None
+    assert recs["tiny-llama/massive_top2_stability"]["ci95"] is None

@@ -691,3 +691,74 @@ def test_capture_refuses_16bit_probabilities(tiny_llama) -> None:
     capture_attention(model, [ids])
     with pytest.raises(ValueError, match="STATISTICS_DTYPE"):
         capture_attention(model.to(torch.bfloat16), [ids])
+
+
+# ------------------------------------------------------------------------- intervals over sequences
+
+
+def _with(n: int, layers: int, **metrics: torch.Tensor) -> AttentionStats:
+    """Real statistics of [N=n, L=layers, H=2] with the given metrics ([N, L, H]) planted over them."""
+    g = torch.Generator().manual_seed(1)
+    t = 6
+    scores = torch.randn(n, layers, 2, t, t, generator=g, dtype=torch.float64)
+    attn = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    stats = AttentionStats(attention.head_metrics(attn), attn.mean(0), 0.9, 0.9, t)
+    stats.metrics.update(metrics)
+    return stats
+
+
+def _noise(n: int, layers: int, seed: int, centre: float = 1.0) -> torch.Tensor:
+    return centre + 0.1 * torch.randn(n, layers, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_thirds_ratio_is_the_paired_ratio_of_the_recorded_thirds() -> None:
+    """The value is depth_thirds' last / first; a last third planted 2x higher on every sequence gives an interval
+    above 1.5, a flat curve one holding 1; fewer than 3 layers have no thirds."""
+    flat = _with(40, 6, maxcol_share=_noise(40, 6, 0))
+    first, _, last = attention.depth_thirds(flat.per_layer("maxcol_share"))
+    ratio = attention.thirds_ratio(flat, "maxcol_share")
+    assert ratio["value"] == pytest.approx(last / first) and ratio["n"] == 40
+    assert ratio["ci95"][0] < 1.0 < ratio["ci95"][1]
+    rising = _noise(40, 6, 1)
+    rising[:, 4:] *= 2
+    assert attention.thirds_ratio(_with(40, 6, maxcol_share=rising), "maxcol_share")["ci95"][0] > 1.5
+    with pytest.raises(ValueError, match="no first and last third"):
+        attention.thirds_ratio(_with(4, 2), "mass")
+
+
+def test_min_maxrank_second_half_recomputes_maxrank_per_resample() -> None:
+    """The value is min over layers L//2.. of MaxRank; a second-half layer whose heads are all rank 1 on every
+    sequence gives the point interval [1, 1] (lazy); ranks scattered around 2 give an interval holding 2."""
+    rank = _noise(30, 4, 2, centre=5.0)
+    rank[:, 3] = 1.0
+    lazy = _with(30, 4, rank=rank)
+    low = attention.min_maxrank_second_half(lazy)
+    assert low["value"] == float(lazy.max_rank()[2:].min()) == 1.0 and low["ci95"] == [1.0, 1.0]
+    scattered = rank.clone()
+    scattered[:, 3] = torch.tensor([1.0, 3.0]).repeat(15)[:, None]  # both heads 1 or 3: MaxRank about 2
+    around = attention.min_maxrank_second_half(_with(30, 4, rank=scattered))
+    assert around["ci95"][0] < 2.0 < around["ci95"][1]
+
+
+def test_pos0_share_before_is_sink_vs_massives_value_with_an_interval() -> None:
+    share = _noise(30, 5, 3, centre=0.1)
+    share[:, 3:] = 0.9
+    stats = _with(30, 5, pos0_share=share)
+    before = attention.pos0_share_before(stats, 3)
+    assert before["value"] == pytest.approx(attention.sink_vs_massive(stats, 3)["pos0_share_before_massive"])
+    assert before["ci95"][1] < attention.SINK_SHARE
+    with pytest.raises(ValueError, match="no layers before it"):
+        attention.pos0_share_before(stats, 0)
+
+
+def test_record_stats_records_the_intervals_over_sequences(records) -> None:
+    stats = _planted_stats(6)
+    attention.record_stats("tiny", stats, massive_layer=2)
+    rec = records()
+    for key in ("maxcol_share_last_over_first_third", "avgmass_last_over_first_third", "pos0_share_before_massive",
+                "min_maxrank_second_half"):
+        lo, hi = rec[f"tiny/attn/{key}"]["ci95"]
+        assert lo <= rec[f"tiny/attn/{key}"]["value"] + 1e-12 and rec[f"tiny/attn/{key}"]["value"] <= hi + 1e-12, key
+        assert "2 sequences" in rec[f"tiny/attn/{key}"]["note"], key
+    assert rec["tiny/attn/maxrank_last_over_first_third"]["ci95"] is None
+    assert rec["tiny/attn/min_maxrank_second_half"]["value"] == float(stats.max_rank()[3:].min())

@@ -43,6 +43,10 @@ def test_paper_values() -> None:
     assert paper.TABLE_A[("feature", 80)] == 64.85 and paper.TABLE_A["dense"] == 69.61
     assert paper.DENSE_PPL == 12.33
     assert paper.TASK_SEARCH_TEST_MINUS_DENSE == pytest.approx((77.21 - 78.23) / 100)
+    assert round(paper.TABLE_A_WHOLE_MODEL_PCT[80]) == 80 and round(paper.TABLE_A_WHOLE_MODEL_PCT[50]) == 50
+    assert paper.LLAMA_7B_LAYER_PARAMS == 202_383_360  # sfsd.md §1.6
+    assert paper.TABLE_A_FEATURE_MINUS_SVD == {"whole80": 0.1444, "whole50": 0.0622}
+    assert paper.DENSE_PPL_BY_MODEL == {"llama-7b": 12.33, "mistral-7b": 11.60}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

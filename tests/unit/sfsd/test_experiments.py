@@ -57,6 +57,7 @@ def test_record_search(records) -> None:
     assert rec["m/lowrank/search/ranks"]["value"] == [[1.0, 0.5], [0.5, None], [0.25, 0.25]]
     assert rec["m/lowrank/search/rank_fraction_thirds"]["value"] == third
     assert rec["m/lowrank/search/last_minus_first_third"]["value"] == -0.5
+    assert rec["m/lowrank/search/last_minus_first_third"]["ci95"] is None  # one layer a third: no interval
     assert rec["m/lowrank/search/whole_model_pct"]["value"] == pytest.approx(80.0)
     assert rec["m/lowrank/search/ppl_search"]["value"] == 12.0
     assert rec["m/lowrank/search/ppl_test"]["value"] == 20.0
@@ -66,16 +67,42 @@ def test_record_search(records) -> None:
     assert records()["m/lowrank/search/ppl_search"]["value"] == 10.0  # nothing accepted: the dense score
 
 
+def test_last_minus_first_third_resamples_layers_within_thirds() -> None:
+    """Later layers planted smaller: the interval excludes 0; the same depth everywhere: it holds 0; the value
+    is ``thirds``' (a layer with no searched module is left out of the interval's units)."""
+    rng = np.random.default_rng(0)
+    flat = rng.uniform(0.3, 0.9, (9, 7))
+    out = experiments.last_minus_first_third(flat)
+    third = experiments.thirds(flat)
+    assert out["value"] == third[2] - third[0] and out["n"] == 6
+    assert out["ci95"][0] < 0.0 < out["ci95"][1]
+    falling = flat - np.linspace(0.0, 0.4, 9)[:, None]
+    assert experiments.last_minus_first_third(falling)["ci95"][1] < 0.0
+    falling[0] = np.nan
+    gap = experiments.last_minus_first_third(falling)
+    assert gap["n"] == 5 and gap["ci95"][1] < 0.0 and gap["value"] == pytest.approx(np.nanmean(falling[6:]) - np.nanmean(falling[:3]))
+
+
 def test_record_task_search(records) -> None:
-    """Trajectories, dense test accuracy, final differences (the paper's Table B value beside), share, modules."""
-    frame = pd.DataFrame({"modules": [7, 14], "share": [0.99, 0.98], "search": [0.6, 0.65], "test": [0.7, 0.6]})
+    """Trajectories, dense test accuracy, final differences (the paper's Table B value beside, the test split's
+    with its interval paired over items), share, modules."""
+    dense = [1.0] * 13 + [0.0] * 7  # 0.65
+    final = [1.0] * 12 + [0.0] * 8  # 0.6: one item lost, the others the same
+    frame = pd.DataFrame({"modules": [7, 14], "share": [0.99, 0.98], "search": [0.6, 0.65], "test": [0.7, 0.6],
+                          "test_correct": [[1.0] * 14 + [0.0] * 6, final]})
     state = SimpleNamespace(steps=[{"rank": 3}, {"rank": None}, {"rank": 1}])
-    experiments.record_task_search("m", "wiki_mc", frame, {"search": 0.6, "test": 0.65}, state)
+    experiments.record_task_search("m", "wiki_mc", frame, {"search": 0.6, "test": 0.65, "test_correct": dense}, state)
     rec = records()
     base = "m/lowrank/task_search/wiki_mc"
     assert rec[f"{base}/search_acc"]["value"] == [0.6, 0.65] and rec[f"{base}/test_acc"]["value"] == [0.7, 0.6]
     assert rec[f"{base}/dense_test_acc"]["value"] == 0.65
     assert rec[f"{base}/test_minus_dense"]["value"] == pytest.approx(-0.05)
+    lo, hi = rec[f"{base}/test_minus_dense"]["ci95"]
+    assert lo <= -0.05 <= hi and hi <= 0.0 and lo >= -0.2  # paired: only the one changed item varies
+    assert "20 test items" in rec[f"{base}/test_minus_dense"]["note"]
+    frame.at[1, "test_correct"] = [1.0] * 5 + [0.0] * 15  # 8 of the 13 dense-correct items lost: excluded
+    experiments.record_task_search("m", "wiki_mc", frame, {"search": 0.6, "test": 0.65, "test_correct": dense}, state)
+    assert records()[f"{base}/test_minus_dense"]["ci95"][1] < 0.0
     assert rec[f"{base}/test_minus_dense"]["paper_value"] == paper.TASK_SEARCH_TEST_MINUS_DENSE
     assert rec[f"{base}/search_minus_dense"]["value"] == pytest.approx(0.05)
     assert rec[f"{base}/whole_model_pct"]["value"] == pytest.approx(98.0)
@@ -107,15 +134,18 @@ def test_task_scorers_score_each_split_in_order(monkeypatch) -> None:
 
 
 def test_task_trajectory(monkeypatch) -> None:
-    """Both splits re-scored at every layer end; the dense accuracies from the state and the test scorer."""
+    """Both splits re-scored at every layer end; the dense accuracies from the state and the test scorer; the
+    test items' 0/1 kept (final state and dense) for the paired interval."""
     monkeypatch.setattr(experiments, "trajectory", lambda model, decomps, state, at, score: [
         {"m": m, "share": 1 - m / 100, "value": score(m)} for m in at])
     state = SimpleNamespace(steps=[{"layer": 5}, {"layer": 5}, {"layer": 4}], base={"split": 0.5})
-    split_mc, test_mc = SimpleNamespace(accuracy=lambda m: 0.5 + m / 100), SimpleNamespace(accuracy=lambda m: 0.7 - m / 100)
+    split_mc = SimpleNamespace(correct=lambda m: [1.0] * m + [0.0] * (10 - m))
+    test_mc = SimpleNamespace(correct=lambda m: [1.0] * (4 - m) + [0.0] * (m + 1))
     frame, dense = experiments.task_trajectory(None, {}, state, split_mc, test_mc)
     assert frame.modules.tolist() == [2, 3] and frame.share.tolist() == [0.98, 0.97]
-    assert frame.search.tolist() == [0.52, 0.53] and frame.test.tolist() == pytest.approx([0.68, 0.67])
-    assert dense == {"search": 0.5, "test": 0.7}
+    assert frame.search.tolist() == [0.2, 0.3] and frame.test.tolist() == pytest.approx([0.4, 0.2])
+    assert frame.test_correct.iloc[-1] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert dense == {"search": 0.5, "test": 0.8, "test_correct": [1.0, 1.0, 1.0, 1.0, 0.0]}
 
 
 def test_load_and_decompose_and_describe(records) -> None:

@@ -692,9 +692,10 @@ def test_uniform_table(plain, monkeypatch, tmp_path):
     dense = table.iloc[0]
     assert dense.ppl == windows.perplexity(0)
     assert dense.ppl == pytest.approx(_hf_ppl(model, windows.ids), rel=1e-5)
+    assert len(dense.window_nll) == 4 and math.exp(np.mean(dense.window_nll)) == pytest.approx(dense.ppl, rel=1e-12)
     assert dense.share == 1.0 and dense.params == budgets.param_count(model)
     correct = evaluation.multiple_choice(model, tok, KEY, zs.tasks["commonsense"].docs, "acc").correct(0)
-    assert dense.acc == pytest.approx(sum(correct) / len(correct))
+    assert dense.acc == pytest.approx(sum(correct) / len(correct)) and dense.correct == {"commonsense": correct}
     assert dense.chance == pytest.approx(tasks.chance_level("commonsense", zs.tasks["commonsense"].docs))
     s = {(r.method, r.pct): r.share for r in table.itertuples()}
     layers = [1, 2, 3]
@@ -712,7 +713,7 @@ def test_uniform_table(plain, monkeypatch, tmp_path):
     def boom(*a, **k):
         raise AssertionError("evaluated instead of read from the cache")
 
-    monkeypatch.setattr(layer_inputs.LayerInputs, "perplexity", boom)
+    monkeypatch.setattr(layer_inputs.LayerInputs, "perplexity_and_windows", boom)
     monkeypatch.setattr(evaluation.MultipleChoice, "correct", boom)
     again = experiments.uniform_table(model, KEY, decomps, windows, zs, ("weight_svd", "feature"), (100, 50), 1)
     assert again.equals(table)
@@ -743,7 +744,7 @@ def test_suite_evaluate(plain):
     out = zs.evaluate(0)
     correct = zs.tasks["commonsense"].correct(0)
     assert out["acc"] == pytest.approx(sum(correct) / 8) and out["tasks"] == ["commonsense"]
-    assert out["ci95"][0] <= out["acc"] <= out["ci95"][1]
+    assert out["ci95"][0] <= out["acc"] <= out["ci95"][1] and out["correct"] == {"commonsense": correct}
     assert zs.evaluate(2) == out  # from layer 2's cached inputs: the same
 
 
