@@ -219,7 +219,7 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
                                                            {t: r["correct"] for t, r in base.items()})
             record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"], ci95=delta["ci95"],
                    note=f"accuracy minus intact accuracy (fraction); 95% paired bootstrap over {delta['n']} items, "
-                        f"resampled within each of the {delta['n_strata']} tasks")
+                        f"resampled within each task ({delta['n_strata']} in all)")
     if rows["base"]["tasks"]:
         record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
 

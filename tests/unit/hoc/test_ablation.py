@@ -108,7 +108,7 @@ def test_record_table1_intervals_exclude_planted_effects_only(records) -> None:
     assert "mean over the seeds" in ratio["random_top2"]["note"]
     delta = {row: recs[f"m/acc_delta/{row}"] for row in ("zero_top2", "keep_top2", "random_top2")}
     assert delta["zero_top2"]["value"] == pytest.approx(rows["zero_top2"]["avg"]["acc"] - rows["base"]["avg"]["acc"])
-    assert delta["zero_top2"]["ci95"][1] < 0.0 and "160 items" in delta["zero_top2"]["note"]
+    assert delta["zero_top2"]["ci95"][1] < 0.0 and "160 items, resampled within each task (2 in all)" in delta["zero_top2"]["note"]
     for row in ("keep_top2", "random_top2"):  # random: seed 0's items, as its accuracy
         assert delta[row]["value"] == 0.0 and delta[row]["ci95"][0] < 0.0 < delta[row]["ci95"][1]
 
