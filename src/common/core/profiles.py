@@ -288,8 +288,9 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
     "small": {
         "01_massive_activation_origin": MassiveOriginConfig(
             models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=8, window_len=256),
+        # 32 windows: the perplexity ratios' intervals are a paired bootstrap over windows (issue 20)
         "02_massive_weight_ablation": AblationConfig(
-            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=6, window_len=256,
+            models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), corpus="wiki", n_windows=32, window_len=256,
             tasks=("wiki_mc", "wiki_yesno", "wiki_topic", "wiki_cloze", "commonsense"), n_items=20,
             sweep_model="smollm2-135m", sweep_tasks=("wiki_mc", "commonsense"), sweep_n_items=20),
         # wiki_yesno is left out: SmolLM2 and Gemma answer "no" throughout (notebook 02), so it cannot move.
