@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.core import arch, data, evaluation, manifest, profiles
+from common.core import arch, data, evaluation, intervals, manifest, profiles
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune import paper, training
 from common.inheritune.attention import AttentionStats, capture_attention
@@ -811,3 +811,23 @@ def test_val_curves_figure_has_every_run_and_round() -> None:
     fig = figures.plot_val_curves(runs, [_run("inheritune_3L", 3, [2.1], steps=10)])
     assert [len(ax.lines) for ax in fig.axes] == [3, 3]
     assert fig.axes[1].get_xlim()[0] == pytest.approx(4.0)
+
+
+def test_record_experiment_records_paired_bootstrap_differences(records) -> None:
+    """Every diff key, random - reference included, is the mean per-window difference with its paired bootstrap
+    over the windows: a fresh half model 0.1 worse on every window (plus noise) excludes 0, an inherited one that
+    equals the reference up to noise holds it; val_loss intervals come from the same engine."""
+    noise = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
+    base = 3.0 + torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _run("reference", 4, base.tolist())
+    rnd = _run("random", 2, (base + 0.1 + noise[0]).tolist())
+    first = _run("inherit_first", 2, (base + noise[1]).tolist())
+    training.record_experiment("gpt-byte", Experiment(ref, {"inherit_first": first, "random": rnd},
+                                                      Growth([first], 0.01, True)))
+    rec = records()
+    worse = rec["gpt-byte/inheritune/diff/random-reference"]
+    assert worse["value"] == pytest.approx(float((0.1 + noise[0]).mean()), rel=1e-9)
+    assert 0.09 < worse["ci95"][0] < worse["ci95"][1] < 0.11 and "64 windows" in worse["note"]
+    same = rec["gpt-byte/inheritune/diff/inherit_first-reference"]["ci95"]
+    assert same[0] < 0.0 < same[1]
+    assert rec["gpt-byte/inheritune/reference/val_loss"]["ci95"] == intervals.mean(ref.window_losses)["ci95"]
