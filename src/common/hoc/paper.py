@@ -61,12 +61,12 @@ CROSS_CHECK_HIDDEN_DIMS = {"llama-3-8b": [788, 1384, 4062]}
 TABLE7_REF = ("HoC Table 7 (massive layer, top-5 channels; paper layers are 1-based); hidden dims: SunMA §2 (Llama-2), "
               "Yu et al. super-weight index (Mistral)")
 #: HoC Table 7 (house_of_cards.md §2.1), every model: the massive-weight layer, 0-based (printed layer - 1), and the
-#: model's number of decoder layers. What "an early layer" means in the paper: index 0-9, the first 1-20% of depth.
-TABLE7_LAYER_ALL = {
+#: model's number of decoder layers. What "an early layer" means in the paper: index 0-9, the first 0-20% of depth.
+TABLE7_LAYER_ALL = {m: {"layer": layer, "n_layers": n} for m, (layer, n) in {
     "llama-2-7b": (1, 32), "llama-2-13b": (3, 40), "llama-3-8b": (1, 32), "llama-3-70b": (3, 80),
     "llama-3.1-405b": (5, 126), "mistral-7b": (1, 32), "mixtral-8x7b": (1, 32), "phi-3-mini": (2, 32),
     "phi-3-medium": (5, 40), "gemma-2-2b": (1, 26), "gemma-2-9b": (0, 42), "gemma-2-27b": (9, 46),
-}
+}.items()}
 #: Not a paper number. HoC Alg. 1 computes the massive indices from the BOS intermediate state at position 0, and
 #: with causal attention position 0 sees only itself, so for a BOS model the position-0 state cannot depend on the
 #: rest of the prompt: relative spread exactly 0 (house_of_cards.md §2.1, marked [mine]; HoC App. C shows the BOS
@@ -128,6 +128,13 @@ TABLE34 = {
     "dora_macdrop": {"acc": 76.4, "acc_zero_top3": 72.7},
 }
 TABLE34_REF = "HoC Table 3 (acc) / Table 4 (acc_zero_top3), Llama-3-8B, 5-task average %"
+#: HoC Table 3, Llama-3-8B, Avg: +MacDrop minus its adapter alone, as a fraction (LoRA 76.5 - 76.0 = +0.005; DoRA
+#: 76.4 - 76.1 = +0.003; one seed each).
+TABLE3_MACDROP_GAIN = {a: round((TABLE34[f"{a}_macdrop"]["acc"] - TABLE34[a]["acc"]) / 100, 4) for a in ("lora", "dora")}
+#: HoC Table 4, Llama-3-8B, Avg under top-3 zeroing: +MacDrop minus its adapter alone, as a fraction (LoRA 47.7 -
+#: 40.4 = +0.073; DoRA 72.7 - 40.3 = +0.324).
+TABLE4_MACDROP_GAIN = {a: round((TABLE34[f"{a}_macdrop"]["acc_zero_top3"] - TABLE34[a]["acc_zero_top3"]) / 100, 4)
+                       for a in ("lora", "dora")}
 #: HoC App. F Table 8, column Avg (5-task zero-shot mean, %), Gemma-2 base models fine-tuned with LoRA and
 #: LoRA + MacDrop: the models the paper calls insensitive to their massive weights (HoC Fig. 4, App. F). The paper
 #: reports no held-out loss for them. Means recomputed from the five task columns agree (house_of_cards.md §3.4).

@@ -53,6 +53,10 @@ AVGMASS_LAST_OVER_FIRST_THIRD = AVGMASS_LAST_OVER_FIRST_THIRD_BY_MODEL["gpt2-med
 # layers 3-24 / 3-36), computed from ``MAXRANK``: GPT-2 medium 14 (11 of its last 12 layers), large 22. Values near
 # 2 (1.7, 1.9) are within the +-0.3 reading error.
 N_LAZY_LAYERS = {m: sum(1 for v in r if v is not None and v < 2) for m, r in MAXRANK.items()}
+# Inheritune v4 Fig. 1: the smallest MaxRank among the second half of the layers (0-based L // 2 .. L - 1, what our
+# ``attn/min_maxrank_second_half`` reads), from ``MAXRANK``: 1.0 for GPT-2 medium (layers 13-24) and large (19-36),
+# i.e. lazy (Def. G.1: MaxRank = 1).
+MIN_MAXRANK_SECOND_HALF = {m: min(r[len(r) // 2:]) for m, r in MAXRANK.items()}
 # Inheritune v4 §4 / Fig. 8 text, GPT-2 medium 24L reference: "3 out of the last 12 later layers exhibit rank-1"
 # (the strict, rank exactly 1 reading of the v4 figure; the v2-era Fig. 1 image shows 5 of the last 12 at 1.0).
 LAZY_LAST12_TEXT = {"gpt2-medium": 3}
@@ -89,6 +93,10 @@ HALF_DEPTH_MINUS_REFERENCE = {m: _diff(_half(m, "inheritune", "100k"), f"{m}/{n}
 # Inheritune v4 Table 5, half depth, equal steps: Inheritune minus the same depth from scratch (both 100K steps).
 # Large 2.80 - 2.97 = -0.17; XL 2.64 - 2.69 = -0.05; medium None (Table 5 has no 12L from-scratch run).
 HALF_DEPTH_MINUS_RANDOM = {m: _diff(_half(m, "inheritune", "100k"), _half(m, "random", "100k")) for m in FULL_DEPTH}
+# Inheritune v4 Table 5, half depth, equal steps: from scratch minus the full reference (the gap "matches the reference"
+# closes). Large 18L 2.97 - 36L 2.85 = +0.12; XL 24L 2.69 - 48L 2.65 = +0.04; medium None (no 12L run; its 16L: +0.05).
+HALF_DEPTH_RANDOM_MINUS_REFERENCE = {m: _diff(_half(m, "random", "100k"), f"{m}/{n}L/random/100k")
+                                     for m, n in FULL_DEPTH.items()}
 # Inheritune v4 Table 5 / Fig. 6, half depth: Inheritune at 100K steps minus the same depth from scratch at 200K.
 # Large 2.80 - 2.84 = -0.04; XL 2.64 - 2.62 = +0.02; medium None (no 12L run at 200K steps).
 HALF_DEPTH_MINUS_RANDOM_2X = {m: _diff(_half(m, "inheritune", "100k"), _half(m, "random", "200k"))
@@ -119,6 +127,8 @@ FIG3_VAL_LOSS_10K = {
 # Fig. 3 at 10K steps: last half minus random (medium -0.02, large -0.04) and first half minus random (-0.27, -0.43).
 FIG3_LAST_MINUS_RANDOM_10K = {m: round(v["inherit_last"] - v["random"], 2) for m, v in FIG3_VAL_LOSS_10K.items()}
 FIG3_FIRST_MINUS_RANDOM_10K = {m: round(v["inherit_first"] - v["random"], 2) for m, v in FIG3_VAL_LOSS_10K.items()}
+# Fig. 3 at 10K steps: last half minus first half (medium 3.34 - 3.09 = +0.25, large 3.55 - 3.16 = +0.39).
+FIG3_LAST_MINUS_FIRST_10K = {m: round(v["inherit_last"] - v["inherit_first"], 2) for m, v in FIG3_VAL_LOSS_10K.items()}
 
 # Inheritune v4 Table 4 (inheritune.md §3.4): GPT-2 small, a 12L reference (100K steps), 4L models initialised from
 # reference layers 1-4 / 5-8 / 9-12 (1-based) or at random, each trained 100K steps: validation loss, and the AvgRank

@@ -39,3 +39,12 @@ def test_library_reads_the_paper_module() -> None:
 
 def test_table6_note() -> None:
     assert paper.table6_note() == "HoC App. A Table 6: lr 1e-4, 3 epochs, batch 256, r16 a16"
+
+
+def test_macdrop_gains_and_table7_layers_in_our_units() -> None:
+    """HoC Tables 3 / 4 as fractions (the keys acc_gain and robust_acc); Table 7's layers 0-based with depth."""
+    assert paper.TABLE3_MACDROP_GAIN == {"lora": 0.005, "dora": 0.003}
+    assert paper.TABLE4_MACDROP_GAIN == {"lora": 0.073, "dora": 0.324}
+    assert claims.resolve_paper_value("c", "hoc.paper:TABLE7_LAYER_ALL.gemma-2-2b.layer") == 1
+    assert all(paper.TABLE7_LAYER_ALL[m]["layer"] == v["layer"] for m, v in paper.TABLE7.items())
+    assert paper.TABLE7["llama-3-8b"]["hidden_dims"] is None  # no paper gives them (CROSS_CHECK_HIDDEN_DIMS)
