@@ -38,6 +38,22 @@ def test_record_spectra(records) -> None:
     assert rec["m/lowrank/spectra/v/weight_energy25"] == [0.3, 0.2]
 
 
+def test_record_spectra_interval_is_paired_over_modules(records) -> None:
+    """Modules differ a lot, features by a planted 0.1 over weights in each: the paired interval excludes 0;
+    with no gap (feature = weight + noise) it holds 0."""
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.1, 0.8, 40)
+    frame = pd.DataFrame({"layer": np.arange(40) // 2, "kind": ["q", "v"] * 20, "weight": weight,
+                          "feature": weight + 0.1 + rng.normal(0, 0.02, 40)})
+    decomposition.record_spectra("m", frame)
+    gap = records()["m/lowrank/spectra/feature_minus_weight_energy25"]
+    assert gap["value"] == frame.feature.mean() - frame.weight.mean() and 0.08 < gap["ci95"][0] < gap["value"] < gap["ci95"][1]
+    assert "40 modules" in gap["note"]
+    decomposition.record_spectra("m", frame.assign(feature=weight + rng.normal(0, 0.02, 40)))
+    lo, hi = records()["m/lowrank/spectra/feature_minus_weight_energy25"]["ci95"]
+    assert lo < 0.0 < hi
+
+
 def test_paper_values() -> None:
     """SFSD README Table A / Table B as claims.yaml and the records read them."""
     assert paper.TABLE_A[("feature", 80)] == 64.85 and paper.TABLE_A["dense"] == 69.61

@@ -13,6 +13,45 @@ from common.core import evaluation, manifest, profiles
 from common.sfsd import experiments, paper
 
 
+def _uniform_frame() -> pd.DataFrame:
+    """``uniform_table``'s rows on planted per-unit values: weight SVD 2 nats a window worse than feature at
+    both budgets, feature_nomean as good; at 80% feature right on 20 more of 40 items a task than SVD, at
+    50% the same accuracy on other items."""
+    rng = np.random.default_rng(0)
+    nll = rng.normal(3.0, 0.3, 16)
+    svd = (rng.random((2, 40)) < 0.3).astype(float)
+    better = np.where(svd == 0, (rng.permutation(40) < 30).astype(float), 1.0)  # about +20 items a task
+    rows = [("dense", 100, nll - 0.1, {"a": np.ones(40), "b": np.ones(40)})]
+    for pct, feature in ((80, better), (50, svd[:, rng.permutation(40)])):
+        rows += [("feature", pct, nll, {"a": feature[0], "b": feature[1]}),
+                 ("weight_svd", pct, nll + 2.0 + rng.normal(0, 0.3, 16), {"a": svd[0], "b": svd[1]}),
+                 ("feature_nomean", pct, nll + rng.normal(0, 0.3, 16), {"a": svd[0], "b": svd[1]})]
+    return pd.DataFrame([{"method": m, "pct": p, "ppl": math.exp(w.mean()), "window_nll": w.tolist(), "share": p / 100,
+                          "params": p, "acc": np.mean([c["a"].mean(), c["b"].mean()]), "ci95": [0.0, 1.0], "chance": 0.25,
+                          "correct": {t: v.tolist() for t, v in c.items()}} for m, p, w, c in rows])
+
+
+def test_record_uniform_intervals(records) -> None:
+    """Perplexity ratios paired over windows (a planted 2-nat gap excluded, none held), accuracy differences
+    paired over items within tasks (a planted gain excluded, none held), the mean over budgets likewise; the
+    values are the ratios and differences of the cells, as before."""
+    frame = _uniform_frame()
+    experiments.record_uniform("m", frame, "2 tasks")
+    rec, cells = records(), frame.set_index(["method", "pct"])
+    for pct in (80, 50):
+        svd, nomean = rec[f"m/lowrank/{pct}/weight_svd_over_feature_ppl"], rec[f"m/lowrank/{pct}/feature_nomean_over_feature_ppl"]
+        assert svd["value"] == cells.loc[("weight_svd", pct), "ppl"] / cells.loc[("feature", pct), "ppl"]
+        assert svd["ci95"][0] > math.exp(1.5) and "16 test windows" in svd["note"]
+        assert nomean["ci95"][0] < 1.0 < nomean["ci95"][1]
+    gain, flat = rec["m/lowrank/80/feature_minus_svd_acc"], rec["m/lowrank/50/feature_minus_svd_acc"]
+    assert gain["value"] == cells.loc[("feature", 80), "acc"] - cells.loc[("weight_svd", 80), "acc"]
+    assert gain["ci95"][0] > 0.2 and "80 items" in gain["note"] and "2 tasks" in gain["note"]
+    assert flat["value"] == pytest.approx(0.0, abs=1e-12) and flat["ci95"][0] < 0.0 < flat["ci95"][1]
+    both = rec["m/lowrank/feature_minus_svd_acc_mean"]
+    assert both["value"] == pytest.approx((gain["value"] + flat["value"]) / 2)
+    assert 0.0 < both["ci95"][0] < both["value"] < both["ci95"][1] < gain["value"]
+
+
 def test_record_mean_diagnosis(records) -> None:
     """Per kind, the ratios sorted by layer; then the massive layer."""
     diag = pd.DataFrame({"layer": [5, 4, 4, 5], "kind": ["q", "q", "up", "up"], "ratio": [2.0, 1.0, 0.5, 0.25]})

@@ -79,22 +79,34 @@ def test_massive_attacks(tiny_llama) -> None:
 
 
 def _ablation_frame() -> pd.DataFrame:
-    rows = {name: {"pos0_share": share, "pos0_share_ci95": [share - 0.1, share + 0.1], "maxcol_share": share,
-                   "maxcol_share_ci95": [share - 0.1, share + 0.1], "moved_sinks": 0.0, "lazy_layers": 0,
-                   "sink_layers": 3, "ratio_after": 100.0, "layers": 4}
-            for name, share in (("base", 0.5), ("zero_top2", 0.1), ("random_top2_s0", 0.52), ("random_top2_s1", 0.5))}
+    """Windows that differ a lot from each other (base 0.2-0.8 a window): the attack takes 0.4 off every window,
+    the controls move each window by noise only (+0.02 and -0.02 around the same mean)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 24)
+    windows = {"base": base, "zero_top2": base - 0.4 + rng.normal(0, 0.01, 24),
+               "random_top2_s0": base + 0.02 + rng.normal(0, 0.01, 24),
+               "random_top2_s1": base - 0.02 + rng.normal(0, 0.01, 24)}
+    rows = {name: {"pos0_share": w.mean(), "pos0_share_ci95": [w.mean() - 0.1, w.mean() + 0.1], "pos0_share_windows": w,
+                   "maxcol_share": w.mean(), "maxcol_share_ci95": [w.mean() - 0.1, w.mean() + 0.1], "moved_sinks": 0.0,
+                   "lazy_layers": 0, "sink_layers": 3, "ratio_after": 100.0, "layers": 4} for name, w in windows.items()}
     return pd.DataFrame(rows).T
 
 
 def test_record_ablation(records) -> None:
-    """Every condition's readings, the attack's change and the controls' mean change; nulls without a layer."""
-    experiments.record_ablation("m", _ablation_frame(), 2, (0, 1))
+    """Every condition's readings, the attack's change and the controls' mean change, each with its interval
+    paired over windows (the attack's excludes 0, the controls' holds it); nulls without a layer."""
+    frame = _ablation_frame()
+    experiments.record_ablation("m", frame, 2, (0, 1))
     rec = records()
-    assert rec["m/synthesis/ablation/zero_top2/pos0_share"]["value"] == 0.1
-    assert rec["m/synthesis/ablation/zero_top2/pos0_share"]["ci95"] == pytest.approx([0.0, 0.2])
+    assert rec["m/synthesis/ablation/zero_top2/pos0_share"]["value"] == frame.pos0_share["zero_top2"]
+    assert rec["m/synthesis/ablation/zero_top2/pos0_share"]["ci95"] == frame.pos0_share_ci95["zero_top2"]
     assert rec["m/synthesis/ablation/random_top2_s1/sink_layers"]["value"] == 3
-    assert rec["m/synthesis/ablation/zero_minus_base_pos0_share"]["value"] == pytest.approx(-0.4)
-    assert rec["m/synthesis/ablation/random_minus_base_pos0_share"]["value"] == pytest.approx(0.01)
+    zero, rand = rec["m/synthesis/ablation/zero_minus_base_pos0_share"], rec["m/synthesis/ablation/random_minus_base_pos0_share"]
+    assert zero["value"] == frame.pos0_share["zero_top2"] - frame.pos0_share["base"]
+    assert -0.41 < zero["ci95"][0] < zero["value"] < zero["ci95"][1] < -0.39  # paired: the window spread cancels
+    assert "24 windows" in zero["note"]
+    assert rand["value"] == np.mean([frame.pos0_share[c] for c in ("random_top2_s0", "random_top2_s1")]) - frame.pos0_share["base"]
+    assert rand["ci95"][0] < 0.0 < rand["ci95"][1] and rand["ci95"][1] - rand["ci95"][0] < 0.02
     experiments.record_ablation("n", None, 2, (0, 1))
     rec = records()
     assert rec["n/synthesis/ablation/zero_minus_base_pos0_share"]["value"] is None
@@ -125,18 +137,25 @@ def test_mean_part_perplexities(monkeypatch) -> None:
 
     monkeypatch.setattr(experiments.lowrank, "decomposed", decomposed)
     monkeypatch.setattr(experiments, "mean_parts", lambda decomps, means, t, part: part)
-    inputs = SimpleNamespace(perplexity=lambda start: (active[-1] if active else "dense", start))
-    out = experiments.mean_part_perplexities(None, {}, {}, 8, inputs, 2, {})
-    assert list(out) == ["dense", *experiments.MEAN_PARTS]
-    assert out["dense"] == ("dense", 2) and out["first_token"] == ("first_token", 2)
+    inputs = SimpleNamespace(perplexity_and_windows=lambda start: ((active[-1] if active else "dense", start), start))
+    ppl, nll = experiments.mean_part_perplexities(None, {}, {}, 8, inputs, 2, {})
+    assert list(ppl) == list(nll) == ["dense", *experiments.MEAN_PARTS]
+    assert ppl["dense"] == ("dense", 2) and ppl["first_token"] == ("first_token", 2) and nll["none"] == 2
 
 
 def test_record_mean_term(records) -> None:
     share = pd.DataFrame({"layer": [2, 1, 1], "kind": ["q", "q", "v"], "first_over_mean": [3.0, 1.0, 2.0],
                           "share_first_token": [0.03, 0.01, 0.02]})
     ppl = {"dense": 10.0, "all": 20.0, "first_token": 400.0, "other_tokens": 21.0, "none": 500.0}
-    experiments.record_mean_term("m", 1e-8, share, ppl, 20.0, 80, [1, 2])
-    rec = {k: r["value"] for k, r in records().items()}
+    rng = np.random.default_rng(0)
+    window = rng.normal(3.0, 0.5, 32)  # the other tokens' part: noise around "all"; the first token's: +3 nats
+    nll = {"all": window, "other_tokens": window + rng.normal(0, 0.05, 32), "first_token": window + 3.0}
+    experiments.record_mean_term("m", 1e-8, share, ppl, nll, 20.0, 80, [1, 2])
+    full = records()
+    lo, hi = full["m/synthesis/meanterm/other_tokens_over_all_ppl"]["ci95"]
+    assert lo < 1.0 < hi and "32 windows" in full["m/synthesis/meanterm/other_tokens_over_all_ppl"]["note"]
+    assert full["m/synthesis/meanterm/first_token_over_all_ppl"]["ci95"] == pytest.approx([math.exp(3.0)] * 2)
+    rec = {k: r["value"] for k, r in full.items()}
     base = "m/synthesis/meanterm"
     assert rec[f"{base}/parts_gap"] == 1e-8 and rec[f"{base}/none/ppl"] == 500.0
     assert rec[f"{base}/q/first_over_mean"] == [1.0, 3.0] and rec[f"{base}/v/first_over_mean"] == [2.0]
@@ -149,14 +168,26 @@ def test_record_mean_term(records) -> None:
 
 def test_protected_table_and_record_protected(monkeypatch, records) -> None:
     """Every scope x method x pct, plain then protected; the records pair them."""
+    """Every scope x method x pct, plain then protected; the records pair them, the ratio with its interval paired
+    over windows (protection planted 0.2 nats a window better for weight_svd, nothing for feature)."""
+    windows = np.random.default_rng(0).normal(3.0, 0.5, 16)
+
     def fake(model, decomps, moments, inputs, layer, rows, method, pct, protect, kinds):
-        return {"ppl": pct + (1.0 if protect else 0.0) + (0.5 if kinds else 0.0), "params": 100 - protect}
+        gain = 0.2 if protect and method == "weight_svd" else 0.0
+        noise = np.random.default_rng(pct + 2 * protect).normal(0, 0.01, 16)
+        return {"ppl": pct + (1.0 if protect else 0.0) + (0.5 if kinds else 0.0), "params": 100 - protect,
+                "window_nll": windows - gain + noise}
 
     monkeypatch.setattr(experiments, "massive_layer_perplexity", fake)
     table = experiments.protected_table(None, {}, {}, None, 3, [1], (10, 50))
-    assert len(table) == 2 * 2 * 2 * 2 and list(table.columns) == ["scope", "method", "pct", "protected", "ppl", "params"]
+    assert len(table) == 2 * 2 * 2 * 2
+    assert list(table.columns) == ["scope", "method", "pct", "protected", "ppl", "window_nll", "params"]
     experiments.record_protected("m", table, 5.0, 3, 1)
-    rec = {k: r["value"] for k, r in records().items()}
+    full = records()
+    assert full["m/synthesis/protected/all/weight_svd/50/protected_over_plain"]["ci95"][1] < math.exp(-0.15)
+    lo, hi = full["m/synthesis/protected/all/feature/50/protected_over_plain"]["ci95"]
+    assert lo < 1.0 < hi and "16 windows" in full["m/synthesis/protected/all/feature/50/protected_over_plain"]["note"]
+    rec = {k: r["value"] for k, r in full.items()}
     assert rec["m/synthesis/protected/dense_ppl"] == 5.0
     assert rec["m/synthesis/protected/gate_up/feature/50/ppl"] == 50.5
     assert rec["m/synthesis/protected/gate_up/feature/50/ppl_protected"] == 51.5
@@ -442,6 +473,8 @@ def test_ablation_frame_on_planted_and_moved_sinks() -> None:
     assert list(f.index) == ["base", "zero_top2", "random_top2_s0"]
     b, z = f.loc["base"], f.loc["zero_top2"]
     assert b.pos0_share == pytest.approx(1.0) and b.pos0_share_ci95 == pytest.approx([1.0, 1.0])
+    assert b.pos0_share_windows.tolist() == pytest.approx([1.0] * 4)  # one value a window: what the intervals pair
+    assert z.pos0_share_windows.tolist() == pytest.approx([1 / T_ATT] * 4)
     assert z.pos0_share == pytest.approx(1 / T_ATT)  # only row 0 still looks at position 0
     expected_col = np.mean([(T_ATT - c) / T_ATT for c in cols])
     assert z.maxcol_share == pytest.approx(expected_col)
@@ -655,10 +688,10 @@ class _SpyInputs:
     def __init__(self, inputs: layer_inputs.LayerInputs, check):
         self.inputs, self.check, self.calls = inputs, check, 0
 
-    def perplexity(self, start: int) -> float:
+    def perplexity_and_windows(self, start: int) -> tuple[float, np.ndarray]:
         self.calls += 1
         self.check()
-        return self.inputs.perplexity(start)
+        return self.inputs.perplexity_and_windows(start)
 
 
 @pytest.mark.parametrize("method", ["weight_svd", "feature"])
@@ -696,6 +729,7 @@ def test_massive_layer_perplexity_protects_the_massive_rows(llama, calib, decomp
     # the plain arm is notebook 05's uniform decomposition of that layer
     with lowrank.decomposed(llama, decomps, method, plain_ranks):
         assert plain["ppl"] == pytest.approx(inputs.perplexity(LAYER), rel=1e-12)
+        np.testing.assert_array_equal(plain["window_nll"], inputs.perplexity_and_windows(LAYER)[1])
     assert plain["ranks"] == plain_ranks
     assert guarded["ranks"] == {p: (protected.protected_rank(192, 64, 2, r, bias) if p.endswith(("gate_proj", "up_proj"))
                                     else r) for p, r in plain_ranks.items()}
