@@ -308,13 +308,15 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             batch_size=8, example_model="smollm2-135m",
             reference=GPTConfig(n_layer=8, n_head=4, n_embd=128, block_size=128),
             train=PretrainSettings(steps=600, batch_size=16, lr=2e-3, warmup=60, eval_interval=50)),
-        # 2 CPU cores: the perplexity search scores 4 x 128 held-out tokens and bisects the rank grid; the
-        # task search covers the last 3 layers (the paper's Table B reports after 35 / 70 / 140 modules)
+        # 2 CPU cores: the perplexity search scores 16 x 128 held-out tokens (issue 20: >= 16 windows) and bisects
+        # the rank grid; perplexity on 32 x 256 tokens (the intervals resample windows); the task search covers the
+        # last 3 layers (the paper's Table B reports after 35 / 70 / 140 modules)
         "05_lowrank_decomposition": LowRankConfig(
             models=("smollm2-135m", "qwen2.5-0.5b"), search_model="smollm2-135m", corpus="wiki",
-            tasks=("wiki_mc", "wiki_cloze", "commonsense"), n_items=20, scan="bisect", search_windows=4,
-            task="wiki_mc", task_items=300, task_layers=3),
-        "06_synthesis": SynthesisConfig(models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m")),
+            tasks=("wiki_mc", "wiki_cloze", "commonsense"), n_items=20, scan="bisect", search_windows=16,
+            eval_windows=32, task="wiki_mc", task_items=300, task_layers=3),
+        # 32 windows: the sink and ablation intervals resample windows (issue 20)
+        "06_synthesis": SynthesisConfig(models=("smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"), n_windows=32),
     },
     "paper": {
         # SunMA exp2 uses 10 RedPajama windows of 4096 tokens; RedPajama is not among the downloaded paper
