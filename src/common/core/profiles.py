@@ -193,6 +193,7 @@ class InherituneConfig(CorpusConfig):
     growth_step: int = 2
     max_rounds: int = 2
     n_analysis: int = 32  # validation windows the self-trained GPTs' attention is measured on
+    n_seeds: int = 1  # training seeds seed, seed + 1, ...: each trains the reference, the variants and the growth rounds
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
@@ -367,18 +368,33 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
     return Experiment(ref, runs, growth)
 
 
-def record_experiment(key: str, exp: Experiment) -> None:
+def _seed_mean(exps: list[Experiment], name: str) -> np.ndarray:
+    """The per-window validation losses of run ``name``, averaged over the experiments' training seeds."""
+    return np.mean([e.runs[name].window_losses for e in exps], axis=0)
+
+
+def record_experiment(key: str, exps: Experiment | list[Experiment]) -> None:
     """Record ``<key>/inheritune/<variant>/val_loss`` (DESIGN §9) with the paper's values beside them, the
-    evaluation noise, the paired differences the acceptance checks read (S4, S5), and the growth rounds."""
+    evaluation noise, the paired differences the claims and acceptance checks read (S4, S5), and the growth rounds.
+    With several experiments (one per training seed, same validation windows) every loss and difference is the
+    mean over seeds, its interval the paired bootstrap over windows of the seed-averaged per-window losses, and the
+    per-seed values are recorded beside it; curves and growth rounds are the first seed's."""
+    exps = [exps] if isinstance(exps, Experiment) else list(exps)
+    exp = exps[0]
     current().run["models"][key] = f"self-trained:inheritune/{os.path.basename(exp.reference.path)}"
     current().save()
-    window_note = f"{len(exp.reference.window_losses)} fixed validation windows; nats per token"
+    seeds = f"; mean over {len(exps)} training seeds" if len(exps) > 1 else ""
+    window_note = f"{len(exp.reference.window_losses)} fixed validation windows; nats per token{seeds}"
     for name, run in exp.runs.items():
         value, ref = paper.VAL_LOSS.get(name, (None, None))
-        record(f"{key}/inheritune/{name}/val_loss", run.val_loss, paper=value, paper_ref=ref and f"Inheritune {ref}",
-               ci95=intervals.mean(run.window_losses)["ci95"],
+        losses = _seed_mean(exps, name)
+        record(f"{key}/inheritune/{name}/val_loss", float(losses.mean()), paper=value,
+               paper_ref=ref and f"Inheritune {ref}", ci95=intervals.mean(losses)["ci95"],
                note=f"{run.n_layer} layers, {run.steps} steps, {run.n_params:,} parameters; {window_note}; 95% "
                     "bootstrap over the windows")
+        if len(exps) > 1:
+            record(f"{key}/inheritune/{name}/val_loss_seeds", [e.runs[name].val_loss for e in exps],
+                   note="one value per training seed")
         record(f"{key}/inheritune/{name}/curve", [list(c) for c in run.curve], note="[step, validation loss]")
         record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation",
                volatile=True)
@@ -387,9 +403,13 @@ def record_experiment(key: str, exp: Experiment) -> None:
                  ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first"),
                  ("random", "reference")):
         if a in exp.runs and b in exp.runs:
-            diff = intervals.paired_difference(exp.runs[a].window_losses, exp.runs[b].window_losses)
+            diff = intervals.paired_difference(_seed_mean(exps, a), _seed_mean(exps, b))
             record(f"{key}/inheritune/diff/{a}-{b}", diff["value"], ci95=diff["ci95"],
-                   note=f"validation loss {a} - {b}, nats per token; 95% paired bootstrap over {diff['n']} windows")
+                   note=f"validation loss {a} - {b}, nats per token{seeds}; 95% paired bootstrap over {diff['n']} "
+                        "windows" + (" (the seeds' own spread is not in it: see /seeds)" if seeds else ""))
+            if len(exps) > 1:
+                record(f"{key}/inheritune/diff/{a}-{b}/seeds", [e.runs[a].val_loss - e.runs[b].val_loss for e in exps],
+                       note="one difference per training seed")
     g = exp.growth
     record(f"{key}/inheritune/growth/layers", [r.n_layer for r in g.rounds], note="target depth of each round")
     record(f"{key}/inheritune/growth/val_loss", [r.val_loss for r in g.rounds],

@@ -831,3 +831,25 @@ def test_record_experiment_records_paired_bootstrap_differences(records) -> None
     same = rec["gpt-byte/inheritune/diff/inherit_first-reference"]["ci95"]
     assert same[0] < 0.0 < same[1]
     assert rec["gpt-byte/inheritune/reference/val_loss"]["ci95"] == intervals.mean(ref.window_losses)["ci95"]
+
+
+def test_record_experiment_averages_training_seeds(records) -> None:
+    """Two seeds: every loss and difference is the mean over seeds (each seed's recorded beside it); the interval
+    resamples windows of the seed-averaged losses, so a difference that flips sign between seeds averages out."""
+    base = 3.0 + torch.rand(32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exps = []
+    for shift in (0.2, -0.2):
+        ref = _run("reference", 4, base.tolist())
+        rnd = _run("random", 2, (base + shift).tolist())
+        exps.append(Experiment(ref, {"random": rnd}, Growth([rnd], 0.01, True)))
+    training.record_experiment("gpt-byte", exps)
+    rec = records()
+    diff = rec["gpt-byte/inheritune/diff/random-reference"]
+    assert diff["value"] == pytest.approx(0.0, abs=1e-12) and diff["ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert rec["gpt-byte/inheritune/diff/random-reference/seeds"]["value"] == pytest.approx([0.2, -0.2])
+    assert "mean over 2 training seeds" in diff["note"]
+    assert rec["gpt-byte/inheritune/random/val_loss_seeds"]["value"] == pytest.approx(
+        [float(base.mean()) + 0.2, float(base.mean()) - 0.2])
+    # one experiment: no per-seed records
+    training.record_experiment("one", exps[0])
+    assert "one/inheritune/diff/random-reference/seeds" not in records()
