@@ -29,7 +29,8 @@ when it lies wholly outside, else *inconclusive*. A claim may name ``requires``:
 fresh model); otherwise it is *inconclusive* whatever its own interval.
 
 ``history`` lists every change of a claim's rule (date, commit, what, why, and ``seen``: whether its result was
-known when the change was made); the report marks claims with a ``seen`` entry. Defects, never a finding:
+known when the change was made); the report marks claims with a ``seen`` entry. A claim with no ``seen`` entry
+whose key the manifest lacks is *pending* (pre-registered, not yet run). Defects, never a finding:
 ``missing`` (no such key), ``not_run`` (no manifest), ``no_interval`` (the rule needs a ``ci95`` the record lacks).
 """
 
@@ -58,6 +59,10 @@ STATUSES = ("reproduced", "direction_only", "inconclusive", "contradicted", "not
 
 
 MISSING, NOT_RUN, NO_INTERVAL = "missing", "not_run", "no_interval"
+
+
+#: a claim registered before any run measured it (no ``seen`` history entry) whose key the manifest lacks yet
+PENDING = "pending"
 
 
 DEFECTS = (MISSING, NOT_RUN, NO_INTERVAL)
@@ -346,6 +351,8 @@ def evaluate(claim: Claim, profile: str = "small", root: Path = FIGURES) -> Outc
     if not exists:
         return Outcome(NOT_RUN, why=f"no {manifest_path(claim.notebook, profile, root).relative_to(root)}")
     if rec is None:
+        if not claim.seen_changes:
+            return Outcome(PENDING, why="registered before its first run: the committed manifest predates it")
         return Outcome(MISSING, why="key not in the manifest")
     interval = None if claim.rule.interval == "exact" else _record_interval(rec)
     d = decide(claim.rule, rec["value"], interval, claim.paper_value)

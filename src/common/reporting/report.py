@@ -24,6 +24,7 @@ from common.reporting.claims import (
     MISSING,
     NO_INTERVAL,
     NOT_RUN,
+    PENDING,
     STATUSES,
     Claim,
     Outcome,
@@ -64,7 +65,7 @@ PAPER_TITLES = {
 
 LABELS = {"reproduced": "reproduced", "direction_only": "direction only", "inconclusive": "inconclusive",
           "contradicted": "contradicted", "not_attempted": "not attempted", MISSING: "**missing**",
-          NOT_RUN: "not run", NO_INTERVAL: "**no interval**"}
+          NOT_RUN: "not run", NO_INTERVAL: "**no interval**", PENDING: "pending"}
 
 
 MEANING = {
@@ -161,7 +162,7 @@ def _counts(rows: list[tuple[Claim, Outcome, Outcome]], i: int) -> Counter:
 
 
 def _count_line(counts: Counter) -> str:
-    keys = [*STATUSES, *DEFECTS]
+    keys = [*STATUSES, PENDING, *DEFECTS]
     return ", ".join(f"{counts[k]} {LABELS[k].strip('*')}" for k in keys if counts[k])
 
 
@@ -223,6 +224,9 @@ def report_markdown(claims: list[Claim] | None = None, root: Path = FIGURES) -> 
         "", "| status | meaning | `small` | `paper` |", "|---|---|---|---|"]
     for s in STATUSES:
         lines.append(f"| {LABELS[s]} | {MEANING[s]} | {small[s]} | {paper[s] if paper_run else '—'} |")
+    if small[PENDING]:
+        lines.append(f"| {LABELS[PENDING]} | registered before its first run: the committed `small` manifest predates "
+                     f"it (the next `make reproduce` decides it) | {small[PENDING]} | — |")
     for s, what in ((MISSING, "the claim's key is not in the `small` manifest"), (NOT_RUN, "no `small` manifest"),
                     (NO_INTERVAL, "the rule needs a 95% interval the record lacks (the run predates it)")):
         if small[s]:
@@ -238,7 +242,7 @@ def report_markdown(claims: list[Claim] | None = None, root: Path = FIGURES) -> 
                   "|---|---|---|---|---|---|---|"]
         for c in group:
             s, p = by_id[c.id]
-            if p.status == MISSING:  # not a defect on `paper`: a claim about a small model has no paper key
+            if p.status in (MISSING, PENDING):  # not a defect on `paper`: a claim about a small model has no paper key
                 ours_paper = f"— (no `{c.key_on_paper}`)"
             else:
                 ours_paper = _ours(p) + ("" if p.status == NOT_RUN else f" ({LABELS[p.status]})")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from common.reporting import report
-from common.reporting.claims import MISSING, NO_INTERVAL, NOT_RUN, evaluate, evaluate_all, load_claims
+from common.reporting.claims import MISSING, NO_INTERVAL, NOT_RUN, PENDING, evaluate, evaluate_all, load_claims
 
 NB = "01_planted"
 RUN = {"git_sha": "0123456789abcdef0123", "dirty": False, "seed": 0, "device": "cpu", "dtype": "float32",
@@ -74,7 +74,7 @@ CLAIMS = [
     claim("c-reproduced-rel", "m/ratio_close", null=1.0, interval="windows", tolerance={"rel": 0.2}, paper_value=15),
     claim("c-no-interval", "m/no_ci", interval="prompts"),
     claim("c-exact", "m/layer", null=1, direction="equivalent"),
-    claim("c-missing", "m/not_recorded"),
+    claim("c-missing", "m/not_recorded", history=[dict(HISTORY[0], seen=True)]),
     claim("c-requires", "m/ci", interval="layers", paper="SFSD", notebook="05_planted", requires=["c-inconclusive"]),
 ]
 
@@ -113,6 +113,15 @@ def test_not_attempted_reason_falls_back_to_the_record_note(tmp_path):
     (without,) = load_claims(write_claims(tmp_path, [claim("c", "m/null")]))
     out = evaluate(without, root=root)
     assert (out.status, out.why) == ("not_attempted", "not measured here: CPU budget")
+
+
+def test_a_claim_registered_before_its_run_is_pending_not_missing(tmp_path):
+    root = tmp_path / "figures"
+    write_manifest(root, RECORDS)
+    seen = [dict(HISTORY[0], seen=True)]
+    fresh, old = load_claims(write_claims(tmp_path, [claim("fresh", "m/not_yet"), claim("old", "m/not_yet", history=seen)]))
+    assert evaluate(fresh, root=root).status == PENDING and evaluate(old, root=root).status == MISSING
+    assert "1 pending" in report.report_markdown([fresh], root)
 
 
 def test_no_manifest_is_not_run(tmp_path):
