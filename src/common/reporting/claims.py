@@ -255,7 +255,8 @@ PAPER_PACKAGES = ("hoc", "inheritune", "sfsd")
 
 def resolve_paper_value(cid: str, value: object) -> object:
     """A claim's ``paper_value`` written ``"<package>.paper:<NAME>[.<key>...]"`` is read from that paper module
-    (``common.hoc.paper``, ``common.inheritune.paper``, ``common.sfsd.paper``): the paper's numbers live in one
+    (``common.hoc.paper``, ``common.inheritune.paper``, ``common.sfsd.paper``; a list is indexed by an integer,
+    ``.-1`` its last entry): the paper's numbers live in one
     place, which the library, the notebooks and claims.yaml all read. Anything else is taken as written."""
     if not (isinstance(value, str) and ".paper:" in value):
         return value
@@ -268,8 +269,8 @@ def resolve_paper_value(cid: str, value: object) -> object:
     try:
         found = getattr(found, name)
         for key in keys:
-            found = found[key]
-    except (AttributeError, KeyError, TypeError) as err:
+            found = found[int(key)] if isinstance(found, list | tuple) else found[key]
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as err:
         raise ValueError(f"claim {cid}: paper_value {value!r} is not in common.{package}.paper ({err})") from err
     return found
 

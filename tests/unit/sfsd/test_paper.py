@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.reporting import claims
 from common.sfsd import paper
 
 
@@ -21,3 +22,13 @@ def test_table_c_sits_at_its_bound() -> None:
     assert all(1.0 <= r < 1.04 for r in paper.TABLE_C_PPL_OVER_BOUND["mistral-7b"])
     assert all(abs(r - 1) < 0.02 for r in paper.TABLE_C_PPL_OVER_BOUND["llama-7b"])
     assert paper.TABLE_A_KAPPA_FRACTION_IF_LAYERS_4_31[80] == pytest.approx(0.76, abs=0.01)
+
+
+def test_claims_index_paper_lists() -> None:
+    """claims.yaml names a list entry by an integer (``.-1``: the last column of Table C)."""
+    last = paper.TABLE_C_PPL_OVER_BOUND["mistral-7b"][-1]
+    assert claims.resolve_paper_value("c", "sfsd.paper:TABLE_C_PPL_OVER_BOUND.mistral-7b.-1") == last
+    with pytest.raises(ValueError, match="is not in common.sfsd.paper"):
+        claims.resolve_paper_value("c", "sfsd.paper:TABLE_C_PPL_OVER_BOUND.mistral-7b.99")
+    with pytest.raises(ValueError, match="is not in common.sfsd.paper"):
+        claims.resolve_paper_value("c", "sfsd.paper:TABLE_C_PPL_OVER_BOUND.mistral-7b.last")
