@@ -225,7 +225,9 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
 
 
 def sweep_frame(results: dict[str, dict], ks: tuple[int, ...]) -> pd.DataFrame:
-    """HoC Fig. 4 data: index (attack kind, k), columns ppl and accuracy with its interval."""
+    """HoC Fig. 4 data: index (attack kind, k), columns ppl and accuracy with its interval, and ``correct``: the
+    per-task per-item 0/1 lists the accuracy is the mean of (``{task: [0/1, ...]}``; None without tasks), what
+    ``record_sweep``'s paired accuracy changes resample."""
     recs = []
     for kind, prefix in (("zero", "zero_top"), ("keep", "keep_top"), ("random", "random_top")):
         for k in ks:
@@ -233,7 +235,8 @@ def sweep_frame(results: dict[str, dict], ks: tuple[int, ...]) -> pd.DataFrame:
             res = results[name]
             avg = res["avg"]
             recs.append({"kind": kind, "k": k, "ppl": res["ppl"], "acc": avg["acc"] if avg else None,
-                         "acc_lo": avg["ci95"][0] if avg else None, "acc_hi": avg["ci95"][1] if avg else None})
+                         "acc_lo": avg["ci95"][0] if avg else None, "acc_hi": avg["ci95"][1] if avg else None,
+                         "correct": {t: list(r["correct"]) for t, r in res["tasks"].items()} if res["tasks"] else None})
     return pd.DataFrame(recs).set_index(["kind", "k"])
 
 
@@ -332,14 +335,41 @@ def run_sweep(key: str, cfg, windows: torch.Tensor, layer: int, ranked: list[int
     return sweep_frame(sweep, cfg.k_grid)
 
 
+#: The sweep's accuracy changes with an interval: (kind, k) against the intact model (zero, k = 0).
+SWEEP_DELTAS = (("zero", 3), ("keep", 1))
+
+
+def sweep_acc_delta(frame: pd.DataFrame, kind: str, k: int, ks: tuple[int, ...]) -> tuple[dict | None, str]:
+    """Accuracy of ``kind`` at ``k`` minus the intact model's (``zero`` at k = 0), the unweighted mean over the
+    sweep tasks of the per-task differences, paired over items and resampled within each task
+    (``intervals.stratified_paired_difference`` of ``frame``'s ``correct`` lists). Returns (the difference, or
+    None with why, the note)."""
+    missing = [x for x in (0, k) if x not in ks]
+    if missing:
+        return None, f"k = {missing} not in this profile's k_grid {list(ks)}: not measured"
+    treated, intact = frame.loc[(kind, k), "correct"], frame.loc[("zero", 0), "correct"]
+    if not treated or not intact:
+        return None, "no sweep tasks on this profile: no accuracy to compare"
+    diff = intervals.stratified_paired_difference(treated, intact)
+    what = f"top-{k} massive rows zeroed" if kind == "zero" else f"only the top-{k} row{'s' if k > 1 else ''} of the massive layer kept"
+    return diff, (f"accuracy ({what}) minus the intact model's (k = 0), fraction, unweighted mean over the tasks; "
+                  f"95% paired bootstrap over {diff['n']} items, resampled within each task ({diff['n_strata']} in all)")
+
+
 def record_sweep(key: str, frame: pd.DataFrame, ks: tuple[int, ...], tasks: tuple[str, ...], n_items) -> None:
     """``M/sweep/<kind>/ppl`` for zero, keep and random and ``M/sweep/<kind>/acc`` for zero and keep (lists over
-    ``ks``, HoC Fig. 4)."""
+    ``ks``, HoC Fig. 4); then ``M/sweep/zero/acc_delta_k3`` and ``M/sweep/keep/acc_delta_k1`` (``sweep_acc_delta``:
+    the change from the intact model with its paired interval over items; null with the reason where the profile's
+    k_grid or tasks lack it)."""
     for kind in ("zero", "keep", "random"):
         record(f"{key}/sweep/{kind}/ppl", frame.loc[kind, "ppl"].tolist(), note=f"k = {list(ks)}")
         if kind != "random":
             record(f"{key}/sweep/{kind}/acc", frame.loc[kind, "acc"].tolist(),
                    note=f"k = {list(ks)}; tasks {list(tasks)}, {n_items} items each")
+    for kind, k in SWEEP_DELTAS:
+        diff, note = sweep_acc_delta(frame, kind, k, ks)
+        record(f"{key}/sweep/{kind}/acc_delta_k{k}", diff["value"] if diff else None,
+               ci95=diff["ci95"] if diff else None, note=note)
 
 
 def record_circuit(rows: dict[str, dict[str, dict]]) -> None:

@@ -285,9 +285,12 @@ def last_minus_first_third(matrix: np.ndarray) -> dict:
 
 
 def record_search(key: str, state: search.SearchState, frame, ranks: np.ndarray, kinds: list[str], layers: list[int],
-                  test_points: list[dict], scan: str) -> list[float]:
+                  test_points: list[dict], scan: str, dense_window_nll) -> list[float]:
     """Notebook 05's perplexity-search keys (DESIGN §9 ``M/lowrank/search/ranks`` and its readings): the rank map,
-    its thirds, the final share, search- and test-split perplexity, candidates scored; returns the thirds."""
+    its thirds, the final share, search- and test-split perplexity, candidates scored, and the final state's
+    test-window perplexity over the dense model's divided by the search's final bound t^m (``search_bound``), with
+    the paired bootstrap over the test windows (``test_points``: ``perplexity_points``, the last at the final state;
+    ``dense_window_nll``: the dense model's per-window NLLs on the same windows); returns the thirds."""
     third, trend = thirds(ranks), last_minus_first_third(ranks)
     record(f"{key}/lowrank/search/ranks", [[None if x != x else float(x) for x in row] for row in ranks],
            note=f"rank / kappa per searched layer {layers[0]}-{layers[-1]} x {kinds}; 1 = kept dense")
@@ -302,6 +305,23 @@ def record_search(key: str, state: search.SearchState, frame, ranks: np.ndarray,
            note=f"search split; bound {frame.bound.iloc[-1]:.2f}")
     record(f"{key}/lowrank/search/ppl_test", test_points[-1]["value"], note="test windows, final state")
     record(f"{key}/lowrank/search/evaluations", int(frame.evaluated.sum()), note=f"candidates scored ({scan} scan)")
+    final = test_points[-1]
+    if final.get("m") != len(state.steps):
+        raise ValueError(f"the last test point is after {final.get('m')} decisions, not the search's final state "
+                         f"({len(state.steps)}): score it there (trajectory_marks ends at the last decision)")
+    bound, m = search_bound(state)
+    t = state.settings["tolerance"]
+    record(f"{key}/lowrank/search/modules_in_bound", m,
+           note="m of the search's bound dense ppl x t^m: modules visited back to front (kept dense or not)")
+    record(f"{key}/lowrank/search/bound", bound, note=f"t^m, t = {t}, m = {m}: the final bound over the dense "
+                                                      "search-split perplexity")
+    ratio = intervals.perplexity_ratio(final["window_nll"], dense_window_nll)
+    record(f"{key}/lowrank/search/test_over_bound", ratio["value"] / bound, ci95=[x / bound for x in ratio["ci95"]],
+           paper=paper.TABLE_C_PPL_OVER_BOUND["mistral-7b"][-1], paper_ref="SFSD README Table C",
+           note=f"(searched / dense perplexity on the test windows) / t^m (t = {t}, m = {m}); 1 = the held-out ratio "
+                f"lands on the search-split bound; 95% paired bootstrap over {ratio['n']} test windows of the ratio, "
+                f"divided by the bound (a constant); paper: Mistral-7B's last column (t = "
+                f"{paper.TABLE_C_TOLERANCE['mistral-7b']}, m = {paper.TABLE_C_MODULES[-1]})")
     return third
 
 
@@ -359,6 +379,28 @@ def trajectory(model: nn.Module, decomps: dict[str, decomposition.Decomposition]
             out.append({"m": m, "layer": start, "share": lowrank.model_share(model, decomps, ranks, state.method),
                         "value": score(start)})
     return out
+
+
+def perplexity_points(model: nn.Module, decomps: dict[str, decomposition.Decomposition], state: search.SearchState,
+                      at: list[int], inputs: layer_inputs.LayerInputs) -> list[dict]:
+    """``trajectory`` scored by perplexity on ``inputs`` (the test windows): [{m, layer, share, value (ppl),
+    window_nll (each window's mean NLL, from the same pass)}], what ``record_search`` pairs with the dense model's
+    windows."""
+    points = trajectory(model, decomps, state, at, inputs.perplexity_and_windows)
+    return [{**p, "value": p["value"][0], "window_nll": [float(x) for x in p["value"][1]]} for p in points]
+
+
+def search_bound(state: search.SearchState) -> tuple[float, int]:
+    """The perplexity search's final bound as a factor of the dense search-split perplexity, t^m, and m, exactly as
+    ``search.perplexity_search`` defines it: the m-th module visited (back to front, kept dense or not) is accepted
+    while ppl <= dense ppl x t^m, so after the whole search m is the number of modules visited. Checked against the
+    bound the search stored with its last decision."""
+    t, m = state.settings["tolerance"], len(state.steps)
+    factor = t ** m
+    if m and not math.isclose(state.steps[-1]["bound"], state.base["ppl"] * factor, rel_tol=1e-9):
+        raise ValueError(f"the search's last bound {state.steps[-1]['bound']} is not dense ppl x {t}^{m}: "
+                         "search.perplexity_search's definition of the bound changed; update search_bound")
+    return factor, m
 
 
 def layer_ends(state: search.SearchState) -> list[int]:

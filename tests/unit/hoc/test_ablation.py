@@ -57,6 +57,9 @@ def test_run_sweep_and_record_sweep(attacked, records) -> None:
     recs = records()
     assert recs["tiny-llama/sweep/keep/ppl"]["value"] == frame.loc["keep", "ppl"].tolist()
     assert "tiny-llama/sweep/random/acc" not in recs and recs["tiny-llama/sweep/zero/ppl"]["note"] == "k = [0, 1, 2]"
+    assert frame["correct"].isna().all()  # no sweep tasks: no per-item lists, so no accuracy change
+    assert recs["tiny-llama/sweep/zero/acc_delta_k3"]["value"] is None  # k = 3 is not in CFG.k_grid
+    assert recs["tiny-llama/sweep/keep/acc_delta_k1"]["value"] is None
 
 
 def _result(window_nll, correct: dict[str, list[float]] | None = None) -> dict:
@@ -66,6 +69,57 @@ def _result(window_nll, correct: dict[str, list[float]] | None = None) -> dict:
         if correct else None
     return {"ppl": math.exp(nll.mean()), "window_nll": nll.tolist(), "tasks": tasks,
             "avg": evaluation.average_accuracy(tasks) if tasks else None}
+
+
+def _sweep_results(ks: tuple[int, ...], correct: dict[tuple[str, int], dict[str, np.ndarray]]) -> dict[str, dict]:
+    """``run_sweep``'s results for ``k_sweep``'s attack names over ``ks``: the given per-item 0/1 per (kind, k),
+    the intact model's (zero, 0) for every other zero / keep point, no tasks for random."""
+    nll = np.full(4, 3.0)
+    out = {}
+    for k in ks:
+        for kind, name in (("zero", f"zero_top{k}"), ("keep", f"keep_top{k}")):
+            out[name] = _result(nll + k / 10, correct.get((kind, k), correct[("zero", 0)]))
+        out[f"random_top{k}_s0"] = _result(nll)
+    return out
+
+
+def test_record_sweep_acc_deltas_exclude_a_planted_drop_only(records) -> None:
+    """zero top-3 planted 50% wrong on the intact model's right items: the change's interval over items lies below
+    0 and its value is the difference of the task-averaged accuracies; keep top-1 right on other items at the same
+    accuracy: the interval holds 0. Swapped (keep top-1 breaks, zero top-3 does not), the verdicts swap."""
+    rng = np.random.default_rng(2)
+    ks = (0, 1, 2, 3, 5)
+    intact = {t: rng.integers(0, 2, 60).astype(float) for t in ("a", "b")}
+    wrong = {t: np.where(rng.random(60) < 0.5, 0.0, c) for t, c in intact.items()}
+    same = {t: rng.permutation(c) for t, c in intact.items()}
+    for drop, flat in (("zero", "keep"), ("keep", "zero")):
+        k_of = {"zero": 3, "keep": 1}
+        results = _sweep_results(ks, {("zero", 0): intact, (drop, k_of[drop]): wrong, (flat, k_of[flat]): same})
+        frame = ablation.sweep_frame(results, ks)
+        assert frame.loc[("zero", 3), "correct"] == {t: r["correct"] for t, r in results["zero_top3"]["tasks"].items()}
+        ablation.record_sweep("m", frame, ks, ("a", "b"), 60)
+        recs = records()
+        hit, miss = (recs[f"m/sweep/{kind}/acc_delta_k{k_of[kind]}"] for kind in (drop, flat))
+        expected = results[f"{drop}_top{k_of[drop]}"]["avg"]["acc"] - results["zero_top0"]["avg"]["acc"]
+        assert hit["value"] == pytest.approx(expected) and hit["value"] < -0.1
+        assert hit["ci95"][0] <= hit["value"] <= hit["ci95"][1] < 0.0
+        assert miss["value"] == pytest.approx(0.0) and miss["ci95"][0] < 0.0 < miss["ci95"][1]
+        assert "paired bootstrap over 120 items, resampled within each task (2 in all)" in hit["note"]
+
+
+def test_record_sweep_acc_deltas_are_null_where_the_profile_lacks_them(records) -> None:
+    """k = 3 outside the k_grid (smoke: 0, 1, 2, 5, 10): null with the reason, k_grid untouched; no sweep tasks:
+    both null."""
+    intact = {"a": np.array([1.0, 0.0, 1.0, 1.0])}
+    ks = (0, 1, 2, 5)
+    ablation.record_sweep("m", ablation.sweep_frame(_sweep_results(ks, {("zero", 0): intact}), ks), ks, ("a",), 4)
+    recs = records()
+    k3, k1 = recs["m/sweep/zero/acc_delta_k3"], recs["m/sweep/keep/acc_delta_k1"]
+    assert k3["value"] is None and k3["ci95"] is None and "k = [3] not in this profile's k_grid [0, 1, 2, 5]" in k3["note"]
+    assert k1["value"] == 0.0 and k1["ci95"] == [0.0, 0.0]
+    ablation.record_sweep("n", ablation.sweep_frame(_sweep_results(ks, {("zero", 0): None}), ks), ks, (), 0)
+    recs = records()
+    assert recs["n/sweep/keep/acc_delta_k1"]["value"] is None and "no sweep tasks" in recs["n/sweep/keep/acc_delta_k1"]["note"]
 
 
 def test_record_circuit_gives_each_ratio_its_paired_interval_over_windows(records) -> None:

@@ -85,12 +85,21 @@ def test_record_search_noise_returns_the_first_module_count_above_2se(records) -
     assert experiments.record_search_noise("m", {"se": 10.0, "log_ratio": 1.0, "windows": 4}, t) is None
 
 
+def _search_state(m: int, t: float = 1.005, base: float = 10.0) -> SimpleNamespace:
+    """A finished perplexity search of ``m`` visited modules (its steps' bounds as ``perplexity_search`` stores
+    them: dense ppl x t^i for the i-th module visited)."""
+    return SimpleNamespace(base={"ppl": base}, settings={"tolerance": t},
+                           steps=[{"bound": base * t ** i} for i in range(1, m + 1)])
+
+
 def test_record_search(records) -> None:
     """Rank map (NaN -> null), thirds, last - first third, share, the last accepted score, test ppl, evaluations."""
     ranks = np.array([[1.0, 0.5], [0.5, np.nan], [0.25, 0.25]])
     frame = pd.DataFrame({"share": [0.9, 0.8], "score": [12.0, None], "bound": [12.5, 12.6], "evaluated": [3, 4]})
-    state = SimpleNamespace(base={"ppl": 10.0})
-    third = experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], [{"value": 20.0}], "bisect")
+    state = _search_state(2)
+    nll = np.linspace(2.9, 3.1, 4)
+    points = [{"m": 2, "value": 20.0, "window_nll": (nll + 0.1).tolist()}]
+    third = experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], points, "bisect", nll)
     assert third == [0.75, 0.5, 0.25]
     rec = records()
     assert rec["m/lowrank/search/ranks"]["value"] == [[1.0, 0.5], [0.5, None], [0.25, 0.25]]
@@ -102,8 +111,60 @@ def test_record_search(records) -> None:
     assert rec["m/lowrank/search/ppl_test"]["value"] == 20.0
     assert rec["m/lowrank/search/evaluations"]["value"] == 7
     frame["score"] = [None, None]
-    experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], [{"value": 20.0}], "bisect")
+    experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], points, "bisect", nll)
     assert records()["m/lowrank/search/ppl_search"]["value"] == 10.0  # nothing accepted: the dense score
+    with pytest.raises(ValueError, match="not the search's final state"):
+        experiments.record_search("m", state, frame, ranks, ["q", "k"], [4, 5, 6], [{**points[0], "m": 1}], "bisect", nll)
+
+
+def test_record_search_test_over_bound(records) -> None:
+    """(searched / dense test perplexity) / t^m with m = modules visited, the interval the paired bootstrap over
+    the test windows divided by the bound. Planted: every window 0.3 nats worse than dense against a bound of
+    1.005^20 = 1.105 (ratio 1.35): the interval lies above 1. The searched model landing right on its bound
+    (window noise around log t^m): the interval holds 1 (the windows differ a lot: only the pairing resolves it)."""
+    rng = np.random.default_rng(0)
+    dense = rng.normal(3.0, 1.0, 24)
+    frame = pd.DataFrame({"share": [0.9], "score": [11.0], "bound": [11.05], "evaluated": [3]})
+    ranks = np.array([[1.0], [0.5], [0.5]])
+    state = _search_state(20)
+    bound = 1.005 ** 20
+    for shift, above in ((0.3, True), (math.log(bound), False)):
+        searched = dense + shift + rng.normal(0, 0.02, 24)
+        points = [{"m": 10, "value": 0.0, "window_nll": dense.tolist()},
+                  {"m": 20, "value": math.exp(searched.mean()), "window_nll": searched.tolist()}]
+        experiments.record_search("m", state, frame, ranks, ["q"], [4, 5, 6], points, "linear", dense)
+        rec = records()
+        assert rec["m/lowrank/search/modules_in_bound"]["value"] == 20
+        assert rec["m/lowrank/search/bound"]["value"] == pytest.approx(bound)
+        over = rec["m/lowrank/search/test_over_bound"]
+        assert over["value"] == pytest.approx(math.exp(searched.mean() - dense.mean()) / bound)
+        assert over["ci95"][0] <= over["value"] <= over["ci95"][1]
+        if above:
+            assert over["ci95"][0] > 1.0 and over["value"] == pytest.approx(math.exp(0.3) / bound, rel=0.02)
+        else:
+            assert over["ci95"][0] < 1.0 < over["ci95"][1]
+        assert "paired bootstrap over 24 test windows" in over["note"]
+        assert over["paper_value"] == pytest.approx(1.02, abs=0.005) and over["paper_ref"] == "SFSD README Table C"
+
+
+def test_search_bound_is_the_searchs_own() -> None:
+    """t^m with m = modules visited, kept dense or not (``perplexity_search``'s bound); a stored bound that is not
+    dense ppl x t^m refuses."""
+    assert experiments.search_bound(_search_state(7, t=1.01)) == (pytest.approx(1.01 ** 7), 7)
+    state = _search_state(3)
+    state.steps[-1]["bound"] *= 1.005
+    with pytest.raises(ValueError, match="definition of the bound changed"):
+        experiments.search_bound(state)
+
+
+def test_perplexity_points_keep_each_windows_nll(monkeypatch) -> None:
+    """The test points' perplexity and per-window NLLs come from one ``perplexity_and_windows`` pass."""
+    monkeypatch.setattr(experiments, "trajectory", lambda model, decomps, state, at, score: [
+        {"m": m, "layer": 4, "share": 1 - m / 100, "value": score(m)} for m in at])
+    inputs = SimpleNamespace(perplexity_and_windows=lambda start: (float(start), np.full(3, start / 10)))
+    points = experiments.perplexity_points(None, {}, None, [2, 5], inputs)
+    assert [p["value"] for p in points] == [2.0, 5.0] and points[1]["window_nll"] == [0.5, 0.5, 0.5]
+    assert points[0]["m"] == 2 and points[0]["share"] == 0.98
 
 
 def test_last_minus_first_third_resamples_layers_within_thirds() -> None:
