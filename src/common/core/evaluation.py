@@ -29,6 +29,7 @@ from common.core.env import cache_dir
 from common.core.gpu import world_size
 from common.core.layer_inputs import LayerInputs
 from common.core.models import get_spec
+from common.core.prefix_lm import SharedPrefixHFLM
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -206,15 +207,15 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
     import lm_eval
     import lm_eval.evaluator  # noqa: F401  (import now, so _quiet_lm_eval sees every lm-eval logger)
     import lm_eval.tasks  # noqa: F401
-    from lm_eval.models.huggingface import HFLM
 
     was_training = model.training
     try:
         with _quiet_lm_eval():
-            # for an in-memory model HFLM ignores ``device`` and feeds batches to model.device: the first
-            # layer's device when device_map spread it; accelerate's hooks return the logits there
-            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, add_bos_token=prepend_bos,
-                      device=str(model.device))
+            # lm-eval's HFLM, scoring each context once for all its choices (prefix_lm). For an in-memory model
+            # HFLM ignores ``device`` and feeds batches to model.device: the first layer's device when
+            # device_map spread it; accelerate's hooks return the logits there
+            lm = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                                  add_bos_token=prepend_bos, device=str(model.device))
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=[*configs, *sources], task_manager=_task_manager(any(isinstance(x, str) for x in sources)), num_fewshot=0,
                 limit=n_items if paper else None, random_seed=seed, numpy_random_seed=1234,
