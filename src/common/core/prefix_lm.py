@@ -99,8 +99,8 @@ class SharedPrefixHFLM(HFLM):
         in batches of at most ``batch_size``, right-padded: under causal attention the padding comes after every
         scored position (its positions repeat the last real one)."""
         name = cache_argument(self.model)
-        autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                  enabled=self.mixed_precision_dtype is not None)
+        mixed = getattr(self, "mixed_precision_dtype", None)  # lm-eval >= 0.4.9 has it; None: the model's dtype
+        autocast = torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None)
         contexts = [context for context, _ in groups]
         width = max(map(len, contexts))
         ids = torch.zeros(len(groups), width, dtype=torch.long)
