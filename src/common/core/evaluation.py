@@ -181,7 +181,9 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
     layer's GPU) and accelerate's hooks bring the logits back there (lm-eval's ``parallelize=True``). Not for
     ``accelerate launch``: lm-eval shards requests over processes only for models it loads itself.
 
-    Returns ``{task: {"acc", "metric", "n", "ci95", "chance", "scores", "correct"}}``: ``acc`` is the
+    Returns ``{task: {"acc", "metric", "n", "answers", "varies", "ci95", "chance", "scores", "correct"}}``:
+    ``answers`` is the choice the headline metric picked for each item and ``varies`` whether they are not all the
+    same answer (a model that answers "no" to every yes/no item has no accuracy to lose); ``acc`` is the
     task's headline metric (``metric``: acc or acc_norm), ``ci95`` a percentile bootstrap over items
     (1000 resamples, seeded by ``seed``), ``scores`` both lm-eval metrics, ``correct`` the per-item 0/1
     of the headline metric in doc order (what ``average_accuracy`` resamples).
@@ -236,12 +238,32 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
         # chance: local tasks from their docs; hub tasks from the number of choices lm-eval scored
         chance = (task_sets.chance_level(t, docs[t]) if t in docs
                   else float(np.mean([1.0 / len(s["arguments"]) for s in samples])))
-        results[t] = {"acc": acc, "metric": metric, "n": len(samples),
+        answers = [chosen_answer(smp, metric) for smp in samples]
+        results[t] = {"acc": acc, "metric": metric, "n": len(samples), "answers": answers,
+                      "varies": len(set(answers)) > 1,
                       "ci95": bootstrap_ci(correct, seed=seed), "chance": chance,
                       "scores": {m: float(out["results"][t][f"{m},none"]) for m in ("acc", "acc_norm")
                                  if f"{m},none" in out["results"][t]},
                       "correct": correct}
     return results
+
+
+def chosen_answer(sample: dict, metric: str) -> str:
+    """The continuation lm-eval's ``metric`` picks in one logged sample: the argmax of the log-likelihoods
+    (``acc_norm``: per character of the continuation, as lm-eval normalises)."""
+    choices = [args[1] for args in sample["arguments"]]
+    lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+    if metric == "acc_norm":
+        lls = [ll / max(1, len(c)) for ll, c in zip(lls, choices, strict=True)]
+    return choices[int(np.argmax(lls))]
+
+
+def varying_tasks(per_task: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(tasks whose answers vary, tasks answered the same way on every item) of one ``zero_shot`` result. Means
+    and differences over tasks use the first list of the intact model for every arm of that model (a task the
+    intact model answers constantly cannot show an attack's effect: issue 20's rule, fixed before the run)."""
+    kept = [t for t, r in per_task.items() if r["varies"]]
+    return kept, [t for t in per_task if t not in kept]
 
 
 def average_accuracy(per_task: dict[str, dict], n_resamples: int = 1000, seed: int = 0) -> dict:

@@ -116,7 +116,7 @@ def evaluate(model: torch.nn.Module, tok, key: str, attack: Attack, windows: tor
     cache_key = {"weights": models.weights_id(key), "attack": attack.kind, "params": attack.params,
                  "windows": tensor_digest(windows), "tasks": list(tasks), "n_items": n_items,
                  "batch_size": batch_size, "seed": seed, "dtype": str(next(model.parameters()).dtype),
-                 "keeps": "window_nll"}  # results before per-window NLLs were kept have no such key
+                 "keeps": "window_nll,answers"}  # older results lack per-window NLLs or zero_shot's answers
     if tasks:  # a perplexity-only result does not depend on it
         cache_key["eval_batch_size"] = eval_batch_size
 
@@ -163,14 +163,27 @@ def _ppl_ratio_ci(rows: dict[str, dict], arms: list[str]) -> tuple[list[float], 
     return ratio["ci95"], f"95% paired bootstrap over {ratio['n']} windows"
 
 
+def _kept_tasks(rows: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(tasks in the model's accuracy means, tasks dropped): a task enters every arm's mean only if the intact
+    model's answers to it vary (``evaluation.varying_tasks``)."""
+    return evaluation.varying_tasks(rows["base"]["tasks"]) if rows["base"]["tasks"] else ([], [])
+
+
+def _accuracy(result: dict, kept: list[str]) -> dict | None:
+    """``evaluation.average_accuracy`` of one result over the ``kept`` tasks (None without tasks)."""
+    return evaluation.average_accuracy({t: result["tasks"][t] for t in kept}) if result["tasks"] and kept else None
+
+
 def _row_values(rows: dict[str, dict], row: str, k: int) -> tuple[float, dict | None, str | None]:
-    """(perplexity, accuracy summary, note) of a Table 1 row; the random row averages its seeds."""
+    """(perplexity, accuracy summary over the kept tasks, note) of a Table 1 row; the random row averages its
+    seeds' perplexities (its accuracy is the first seed's)."""
+    kept = _kept_tasks(rows)[0]
     if row != f"random_top{k}":
-        return rows[row]["ppl"], rows[row]["avg"], None
+        return rows[row]["ppl"], _accuracy(rows[row], kept), None
     seeds = _arms(rows, row)
     ppls = [rows[n]["ppl"] for n in seeds]
     note = f"mean over {len(seeds)} seeds (ppl {min(ppls):.3f}-{max(ppls):.3f}); accuracy: seed {seeds[0][-1]}"
-    return sum(ppls) / len(ppls), rows[seeds[0]]["avg"], note
+    return sum(ppls) / len(ppls), _accuracy(rows[seeds[0]], kept), note
 
 
 def table1_frame(rows: dict[str, dict[str, dict]], k: int) -> pd.DataFrame:
@@ -184,7 +197,8 @@ def table1_frame(rows: dict[str, dict[str, dict]], k: int) -> pd.DataFrame:
             recs.append({"model": key, "attack": row, "ppl": ppl, "ppl_ratio": ppl / r["base"]["ppl"],
                          "acc": avg["acc"] if avg else None, "acc_lo": avg["ci95"][0] if avg else None,
                          "acc_hi": avg["ci95"][1] if avg else None,
-                         "chance": chance_average(r["base"]["tasks"]) if r["base"]["tasks"] else None})
+                         "chance": chance_average({t: r["base"]["tasks"][t] for t in _kept_tasks(r)[0]})
+                         if r["base"]["tasks"] and _kept_tasks(r)[0] else None})
     return pd.DataFrame(recs).set_index(["model", "attack"])
 
 
@@ -210,18 +224,25 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
         record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], ci95=ci95,
                note=f"perplexity / intact perplexity{' (mean over the seeds)' if row.startswith('random') else ''}; "
                     f"{over}")
+        kept, dropped = _kept_tasks(rows)
+        dropped_note = f"; dropped (the intact model answers them the same way throughout): {dropped}" if dropped else ""
         record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=paper.TABLE1_REF,
                ci95=avg["ci95"] if avg else None,
-               note="unweighted mean over the zero-shot tasks (fraction; paper: %), 95% bootstrap interval")
-        if avg and rows["base"]["avg"] and row != "base":
+               note=f"unweighted mean over the zero-shot tasks {kept} (fraction; paper: %), 95% bootstrap "
+                    f"interval{dropped_note}")
+        if avg and row != "base":
             tasks, base = rows[_arms(rows, row)[0]]["tasks"], rows["base"]["tasks"]
-            delta = intervals.stratified_paired_difference({t: r["correct"] for t, r in tasks.items()},
-                                                           {t: r["correct"] for t, r in base.items()})
-            record(f"{key}/acc_delta/{row}", avg["acc"] - rows["base"]["avg"]["acc"], ci95=delta["ci95"],
+            delta = intervals.stratified_paired_difference({t: tasks[t]["correct"] for t in kept},
+                                                           {t: base[t]["correct"] for t in kept})
+            record(f"{key}/acc_delta/{row}", avg["acc"] - _accuracy(rows["base"], kept)["acc"], ci95=delta["ci95"],
                    note=f"accuracy minus intact accuracy (fraction); 95% paired bootstrap over {delta['n']} items, "
                         f"resampled within each task ({delta['n_strata']} in all)")
     if rows["base"]["tasks"]:
-        record(f"{key}/acc/chance", chance_average(rows["base"]["tasks"]), note="mean chance level of the tasks")
+        kept, dropped = _kept_tasks(rows)
+        record(f"{key}/acc/chance", chance_average({t: rows["base"]["tasks"][t] for t in kept}),
+               note="mean chance level of the tasks in the mean")
+        record(f"{key}/acc/dropped_tasks", dropped,
+               note="tasks left out of this model's accuracy means: the intact model gives the same answer to every item")
 
 
 def sweep_frame(results: dict[str, dict], ks: tuple[int, ...]) -> pd.DataFrame:

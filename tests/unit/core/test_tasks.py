@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from common.core import data, env, evaluation, tasks
+from common.core import data, env, evaluation, prefix_lm, tasks
 
 TOPICS = ["Arts", "Biology", "Geography", "History", "People", "Technology"]
 NOUNS = ["harbour", "village", "meadow", "castle", "bridge", "temple", "market", "garden", "forest", "valley",
@@ -344,8 +344,8 @@ def test_hflm_honours_add_bos_token(tiny_llama) -> None:
 
 
 def test_zero_shot_end_to_end(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two local tasks x 8 items through lm-eval on tiny-llama: numbers in range, n, chance, intervals;
-    lm-eval sees our query and " " + choice; every row starts with <bos>; caller's RNG untouched."""
+    """Two local tasks x 8 items through lm-eval on tiny-llama: numbers in range, n, chance, intervals, answers;
+    lm-eval sees our query and " " + choice; every context scored starts with <bos>; caller's RNG untouched."""
     from lm_eval.models.huggingface import HFLM
 
     model, tok = tiny_llama
@@ -358,16 +358,17 @@ def test_zero_shot_end_to_end(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(HFLM, "_encode_pair", spy)
     first_ids: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda mod, args, kwargs: first_ids.extend((args[0] if args else kwargs["input_ids"])[:, 0].tolist()),
-        with_kwargs=True)
+    scored = prefix_lm.SharedPrefixHFLM._loglikelihood_tokens
+
+    def spy_requests(self, requests, *args, **kwargs):  # each request: ((context, continuation), ctx ids, cont ids)
+        first_ids.extend(req[1][0] for req in requests)
+        return scored(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(prefix_lm.SharedPrefixHFLM, "_loglikelihood_tokens", spy_requests)
     random.seed(11)
     model.train()
-    try:
-        res = evaluation.zero_shot(model, tok, ["wiki_mc", "wiki_yesno"], n_items=8, seed=0, batch_size=8,
-                                   prepend_bos=True)
-    finally:
-        hook.remove()
+    res = evaluation.zero_shot(model, tok, ["wiki_mc", "wiki_yesno"], n_items=8, seed=0, batch_size=8,
+                               prepend_bos=True)
     assert random.random() == random.Random(11).random()  # simple_evaluate's reseeding is undone
     assert model.training  # HFLM's model.eval() is undone too
     assert list(res) == ["wiki_mc", "wiki_yesno"]
@@ -377,6 +378,9 @@ def test_zero_shot_end_to_end(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> No
         assert 0.0 <= r["acc"] <= 1.0 and r["acc"] == pytest.approx(np.mean(r["correct"]))
         assert r["ci95"][0] <= r["acc"] <= r["ci95"][1]
         assert r["chance"] == chance and set(r["scores"]) == {"acc", "acc_norm"}
+        choices = {c for d in tasks.build_docs(name, 8, 0) for c in d["choices"]}
+        assert len(r["answers"]) == 8 and {a.strip() for a in r["answers"]} <= choices
+        assert r["varies"] == (len(set(r["answers"])) > 1)
     docs = tasks.build_docs("wiki_mc", 8, 0) + tasks.build_docs("wiki_yesno", 8, 0)
     expected = {(d["query"], " " + c) for d in docs for c in d["choices"]}
     assert set(pairs) == expected  # exactly one space between "Answer:" and the choice
@@ -385,6 +389,16 @@ def test_zero_shot_end_to_end(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> No
     assert avg["acc"] == pytest.approx((res["wiki_mc"]["acc"] + res["wiki_yesno"]["acc"]) / 2)
     files = {p.name for p in (env.cache_dir() / "tasks").glob("*.jsonl")}
     assert files == {"wiki_mc-n8-s0.jsonl", "wiki_yesno-n8-s0.jsonl"}
+
+
+def test_chosen_answer_and_varying_tasks() -> None:
+    """The answer is lm-eval's argmax (per character for acc_norm); a task answered the same way throughout is
+    the one varying_tasks drops."""
+    sample = {"arguments": [("Q:", " no"), ("Q:", " yes please")], "filtered_resps": [(-3.0, False), (-4.0, False)]}
+    assert evaluation.chosen_answer(sample, "acc") == " no"
+    assert evaluation.chosen_answer(sample, "acc_norm") == " yes please"  # -4 / 11 > -3 / 3
+    per_task = {"mc": {"varies": True}, "yesno": {"varies": False}}
+    assert evaluation.varying_tasks(per_task) == (["mc"], ["yesno"])
 
 
 def test_zero_shot_without_bos(tiny_llama) -> None:
@@ -420,8 +434,8 @@ def test_zero_shot_paper_tasks_go_to_lm_eval_by_name(tiny_llama, monkeypatch: py
 
     def fake_evaluate(**kwargs):
         seen.update(kwargs)
-        samples = [{"doc_id": i, "acc": float(i % 2), "acc_norm": 1.0, "arguments": [("q", " a"), ("q", " b")]}
-                   for i in range(4)]
+        samples = [{"doc_id": i, "acc": float(i % 2), "acc_norm": 1.0, "arguments": [("q", " a"), ("q", " b")],
+                    "filtered_resps": [(-1.0, True), (-2.0, False)]} for i in range(4)]
         return {"results": {"boolq": {"acc,none": 0.5, "acc_norm,none": 1.0}}, "samples": {"boolq": samples}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
@@ -430,4 +444,5 @@ def test_zero_shot_paper_tasks_go_to_lm_eval_by_name(tiny_llama, monkeypatch: py
     assert seen["tasks"] == ["boolq"] and seen["limit"] == 4 and seen["task_manager"] == ("tm", True)
     assert seen["num_fewshot"] == 0 and seen["bootstrap_iters"] == 0 and seen["log_samples"] is True
     assert res["boolq"] == {"acc": 0.5, "metric": "acc", "n": 4, "ci95": res["boolq"]["ci95"], "chance": 0.5,
-                            "scores": {"acc": 0.5, "acc_norm": 1.0}, "correct": [0.0, 1.0, 0.0, 1.0]}
+                            "scores": {"acc": 0.5, "acc_norm": 1.0}, "correct": [0.0, 1.0, 0.0, 1.0],
+                            "answers": [" a"] * 4, "varies": False}

@@ -24,6 +24,27 @@ CFG = types.SimpleNamespace(corpus="synthetic", n_windows=2, window_len=32, prom
                             sweep_tasks=(), sweep_n_items=0)
 
 
+def test_a_task_the_intact_model_answers_constantly_leaves_every_mean(records) -> None:
+    """Issue 20's rule: 'yes/no' answered 'no' throughout by the intact model cannot show an attack's effect, so
+    it leaves the model's accuracy means and differences (all arms), and the manifest says which task left."""
+    rng = np.random.default_rng(2)
+    nll = rng.normal(3.0, 1.0, 8)
+    varied = rng.integers(0, 2, 60).astype(float)
+    base = {"mc": varied, "yesno": np.r_[np.ones(30), np.zeros(30)]}
+    attacked = {"mc": varied, "yesno": np.zeros(60)}  # only the constant task 'moves'
+    rows = {"base": _result(nll, base, constant=("yesno",)), "zero_top1": _result(nll + 1, attacked),
+            "keep_top1": _result(nll, base), "random_top1_s0": _result(nll, base)}
+    ablation.record_table1("m", rows, 1)
+    recs = records()
+    assert recs["m/acc/dropped_tasks"]["value"] == ["yesno"] and "['mc']" in recs["m/acc/base"]["note"]
+    assert recs["m/acc/base"]["value"] == pytest.approx(varied.mean())
+    assert recs["m/acc_delta/zero_top1"]["value"] == 0.0  # with 'yesno' in the mean it would be -0.25
+    rows["base"] = _result(nll, base)  # the same answers, but varying: the task stays in
+    ablation.record_table1("n", rows, 1)
+    assert records()["n/acc_delta/zero_top1"]["value"] == pytest.approx(-0.25)
+    assert records()["n/acc/dropped_tasks"]["value"] == []
+
+
 @pytest.fixture
 def attacked(records):
     return ablation.attack_model("tiny-llama", CFG)
@@ -62,11 +83,12 @@ def test_run_sweep_and_record_sweep(attacked, records) -> None:
     assert recs["tiny-llama/sweep/keep/acc_delta_k1"]["value"] is None
 
 
-def _result(window_nll, correct: dict[str, list[float]] | None = None) -> dict:
-    """An ``evaluate`` result from per-window NLLs and, optionally, per-task per-item 0/1 scores."""
+def _result(window_nll, correct: dict[str, list[float]] | None = None, constant: tuple[str, ...] = ()) -> dict:
+    """An ``evaluate`` result from per-window NLLs and, optionally, per-task per-item 0/1 scores; the tasks in
+    ``constant`` were answered the same way on every item."""
     nll = np.asarray(window_nll, dtype=float)
-    tasks = {t: {"acc": float(np.mean(c)), "correct": list(c), "chance": 0.5} for t, c in correct.items()} \
-        if correct else None
+    tasks = {t: {"acc": float(np.mean(c)), "correct": list(c), "chance": 0.5, "varies": t not in constant}
+             for t, c in correct.items()} if correct else None
     return {"ppl": math.exp(nll.mean()), "window_nll": nll.tolist(), "tasks": tasks,
             "avg": evaluation.average_accuracy(tasks) if tasks else None}
 
@@ -246,7 +268,7 @@ def test_perplexity_and_zero_shot_get_their_own_batch_sizes(planted, monkeypatch
 
     def zero_shot(model, tok, tasks, n_items, seed, batch_size, prepend_bos):
         seen.setdefault("zero_shot", []).append(batch_size)
-        return {t: {"acc": 0.5, "correct": [1.0, 0.0], "chance": 0.5} for t in tasks}
+        return {t: {"acc": 0.5, "correct": [1.0, 0.0], "chance": 0.5, "varies": True} for t in tasks}
 
     monkeypatch.setattr(ablation.evaluation, "window_nll", window_nll)
     monkeypatch.setattr(ablation.evaluation, "zero_shot", zero_shot)
