@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from common.reporting import report
-from common.reporting.claims import MISSING, NO_INTERVAL, NOT_RUN, PENDING, evaluate, evaluate_all, load_claims
+from common.reporting.claims import (
+    MISSING,
+    NO_INTERVAL,
+    NOT_RUN,
+    PENDING,
+    evaluate,
+    evaluate_all,
+    load_claims,
+)
 
 NB = "01_planted"
 RUN = {"git_sha": "0123456789abcdef0123", "dirty": False, "seed": 0, "device": "cpu", "dtype": "float32",
