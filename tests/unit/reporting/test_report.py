@@ -217,7 +217,7 @@ def test_report_contents(planted):
     assert "inconclusive; MDE 0.7147" in row  # (z.975 + z.8) / (2 z.975) * width 1.0
     row = next(line for line in text.splitlines() if "**c-not-attempted-note**" in line)
     assert "not attempted — not measured here: CPU budget" in row
-    assert "0.2 (95% CI [0.1, 0.3])" in text and "0 of 10 claims (†)" in text and " †:" not in text
+    assert "0.2 (95% CI [0.1, 0.3])" in text and "1 of 10 claims (†)" in text and "**c-missing** †:" in text
     assert "| `small` | 01_planted | `0123456789ab` | false | 0 | cpu | float32 | 9.9 | 8.8 | 7.7 | — |" in text
     assert "m `sha256:abababababab`" in text
 
