@@ -29,8 +29,9 @@ when it lies wholly outside, else *inconclusive*. A claim may name ``requires``:
 fresh model); otherwise it is *inconclusive* whatever its own interval.
 
 ``history`` lists every change of a claim's rule (date, commit, what, why, and ``seen``: whether its result was
-known when the change was made); the report marks claims with a ``seen`` entry. A claim with no ``seen`` entry
-whose key the manifest lacks is *pending* (pre-registered, not yet run). Defects, never a finding:
+known when the change was made); the report marks claims with a ``seen`` entry. A claim marked ``awaits_rerun``
+(its key is newer than the committed run) is *pending* while the manifest lacks the key; the claims tests fail once
+the key is there and the mark is not removed. Defects, never a finding:
 ``missing`` (no such key), ``not_run`` (no manifest), ``no_interval`` (the rule needs a ``ci95`` the record lacks).
 """
 
@@ -61,7 +62,7 @@ STATUSES = ("reproduced", "direction_only", "inconclusive", "contradicted", "not
 MISSING, NOT_RUN, NO_INTERVAL = "missing", "not_run", "no_interval"
 
 
-#: a claim registered before any run measured it (no ``seen`` history entry) whose key the manifest lacks yet
+#: a claim marked ``awaits_rerun`` (its key is new) whose key the committed manifest lacks: the next run records it
 PENDING = "pending"
 
 
@@ -129,6 +130,7 @@ class Claim:
     reason: str = ""
     paper_key: str = ""
     requires: tuple[str, ...] = ()
+    awaits_rerun: bool = False
 
     @property
     def key_on_paper(self) -> str:
@@ -232,6 +234,8 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
         absent = [f.name for f in fields(Claim) if f.name not in raw and f.default is MISSING_FIELD]
         if absent:
             raise ValueError(f"claim {cid}: missing field(s) {', '.join(absent)}")
+        if not isinstance(raw.get("awaits_rerun", False), bool):
+            raise ValueError(f"claim {cid}: awaits_rerun is true or false")
         claim = Claim(**{**raw, "rule": parse_rule(cid, raw["rule"]), "history": _parse_history(cid, raw["history"]),
                          "paper_value": resolve_paper_value(cid, raw["paper_value"]),
                          "requires": tuple(raw.get("requires") or ())})
@@ -352,8 +356,8 @@ def evaluate(claim: Claim, profile: str = "small", root: Path = FIGURES) -> Outc
     if not exists:
         return Outcome(NOT_RUN, why=f"no {manifest_path(claim.notebook, profile, root).relative_to(root)}")
     if rec is None:
-        if not claim.seen_changes:
-            return Outcome(PENDING, why="registered before its first run: the committed manifest predates it")
+        if claim.awaits_rerun:
+            return Outcome(PENDING, why="its key is newer than the committed run: the next `make reproduce` records it")
         return Outcome(MISSING, why="key not in the manifest")
     interval = None if claim.rule.interval == "exact" else _record_interval(rec)
     d = decide(claim.rule, rec["value"], interval, claim.paper_value)

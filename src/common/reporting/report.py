@@ -225,8 +225,8 @@ def report_markdown(claims: list[Claim] | None = None, root: Path = FIGURES) -> 
     for s in STATUSES:
         lines.append(f"| {LABELS[s]} | {MEANING[s]} | {small[s]} | {paper[s] if paper_run else '—'} |")
     if small[PENDING]:
-        lines.append(f"| {LABELS[PENDING]} | registered before its first run: the committed `small` manifest predates "
-                     f"it (the next `make reproduce` decides it) | {small[PENDING]} | — |")
+        lines.append(f"| {LABELS[PENDING]} | the claim's number is newer than the committed `small` run (`awaits_rerun`): "
+                     f"the next `make reproduce` records and decides it | {small[PENDING]} | — |")
     for s, what in ((MISSING, "the claim's key is not in the `small` manifest"), (NOT_RUN, "no `small` manifest"),
                     (NO_INTERVAL, "the rule needs a 95% interval the record lacks (the run predates it)")):
         if small[s]:

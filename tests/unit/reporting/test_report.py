@@ -82,7 +82,7 @@ CLAIMS = [
     claim("c-reproduced-rel", "m/ratio_close", null=1.0, interval="windows", tolerance={"rel": 0.2}, paper_value=15),
     claim("c-no-interval", "m/no_ci", interval="prompts"),
     claim("c-exact", "m/layer", null=1, direction="equivalent"),
-    claim("c-missing", "m/not_recorded", history=[dict(HISTORY[0], seen=True)]),
+    claim("c-missing", "m/not_recorded"),
     claim("c-requires", "m/ci", interval="layers", paper="SFSD", notebook="05_planted", requires=["c-inconclusive"]),
 ]
 
@@ -123,13 +123,15 @@ def test_not_attempted_reason_falls_back_to_the_record_note(tmp_path):
     assert (out.status, out.why) == ("not_attempted", "not measured here: CPU budget")
 
 
-def test_a_claim_registered_before_its_run_is_pending_not_missing(tmp_path):
+def test_a_claim_awaiting_its_rerun_is_pending_not_missing(tmp_path):
     root = tmp_path / "figures"
     write_manifest(root, RECORDS)
-    seen = [dict(HISTORY[0], seen=True)]
-    fresh, old = load_claims(write_claims(tmp_path, [claim("fresh", "m/not_yet"), claim("old", "m/not_yet", history=seen)]))
-    assert evaluate(fresh, root=root).status == PENDING and evaluate(old, root=root).status == MISSING
-    assert "1 pending" in report.report_markdown([fresh], root)
+    waiting, old = load_claims(write_claims(tmp_path, [claim("waiting", "m/not_yet", awaits_rerun=True),
+                                                      claim("old", "m/not_yet")]))
+    assert evaluate(waiting, root=root).status == PENDING and evaluate(old, root=root).status == MISSING
+    assert "1 pending" in report.report_markdown([waiting], root)
+    with pytest.raises(ValueError, match="awaits_rerun is true or false"):
+        load_claims(write_claims(tmp_path, [claim("bad", "m/ok", awaits_rerun="soon")]))
 
 
 def test_no_manifest_is_not_run(tmp_path):
@@ -217,7 +219,7 @@ def test_report_contents(planted):
     assert "inconclusive; MDE 0.7147" in row  # (z.975 + z.8) / (2 z.975) * width 1.0
     row = next(line for line in text.splitlines() if "**c-not-attempted-note**" in line)
     assert "not attempted — not measured here: CPU budget" in row
-    assert "0.2 (95% CI [0.1, 0.3])" in text and "1 of 10 claims (†)" in text and "**c-missing** †:" in text
+    assert "0.2 (95% CI [0.1, 0.3])" in text and "0 of 10 claims (†)" in text and " †:" not in text
     assert "| `small` | 01_planted | `0123456789ab` | false | 0 | cpu | float32 | 9.9 | 8.8 | 7.7 | — |" in text
     assert "m `sha256:abababababab`" in text
 
