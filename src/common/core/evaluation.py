@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.core import arch, data
+from common.core import arch, data, intervals
 from common.core import tasks as task_sets
 from common.core.env import cache_dir
 from common.core.gpu import world_size
@@ -156,8 +156,7 @@ def bootstrap_ci(correct: Sequence[float], n_resamples: int = 1000, seed: int = 
     if not 0.0 < level < 1.0:
         raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
     _check_resamples(n_resamples)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    means = intervals.stratified_resamples([values], n_resamples, seed)
     tail = 100 * (1 - level) / 2
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
@@ -276,12 +275,8 @@ def average_accuracy(per_task: dict[str, dict], n_resamples: int = 1000, seed: i
     missing = [t for t, r in per_task.items() if not r.get("correct")]
     if missing:
         raise ValueError(f"per-item scores ('correct') missing for {missing}; pass zero_shot's result")
-    rng = np.random.default_rng(seed)
-    means = np.zeros(n_resamples)
-    for r in per_task.values():
-        c = np.asarray(r["correct"], dtype=float)
-        means += c[rng.integers(0, c.size, size=(n_resamples, c.size))].mean(axis=1)
-    means /= len(per_task)
+    means = intervals.stratified_resamples([np.asarray(r["correct"], dtype=float) for r in per_task.values()],
+                                           n_resamples, seed)
     return {"acc": float(np.mean([r["acc"] for r in per_task.values()])),
             "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
             "chance": float(np.mean([r["chance"] for r in per_task.values()])),

@@ -136,6 +136,14 @@ def mean_perplexity_ratio(windows_nll_treated: list[np.ndarray] | np.ndarray, wi
     return {"value": value, "ci95": bootstrap(rows, of_resamples, seed), "n": int(b.size)}
 
 
+def stratified_resamples(groups: list[np.ndarray], n_resamples: int, seed: int = 0) -> np.ndarray:
+    """``[n_resamples]`` unweighted means over ``groups`` of each group's mean, every group's units resampled
+    with replacement within the group (one group: the plain bootstrap of a mean). The resampling loop behind
+    ``stratified_mean`` and ``evaluation.bootstrap_ci`` / ``average_accuracy``; callers validate their input."""
+    rng = np.random.default_rng(seed)
+    return sum(g[rng.integers(0, g.size, size=(n_resamples, g.size))].mean(axis=1) for g in groups) / len(groups)
+
+
 def stratified_mean(strata: dict[str, np.ndarray | list[float]], seed: int = 0,
                     n_resamples: int = N_RESAMPLES) -> dict:
     """Unweighted mean over strata (e.g. tasks) of each stratum's mean of per-unit values (e.g. items), with a
@@ -148,9 +156,7 @@ def stratified_mean(strata: dict[str, np.ndarray | list[float]], seed: int = 0,
         raise ValueError(f"need >= 1 stratum of >= 2 finite per-unit values each; not so: {bad or 'no strata'}")
     if n_resamples < 100:
         raise ValueError(f"n_resamples={n_resamples}: use >= 100 (default {N_RESAMPLES})")
-    rng = np.random.default_rng(seed)
-    stats = sum(g[rng.integers(0, g.size, size=(n_resamples, g.size))].mean(axis=1) for g in groups)
-    stats = stats / len(groups)
+    stats = stratified_resamples(groups, n_resamples, seed)
     return {"value": float(np.mean([g.mean() for g in groups])),
             "ci95": [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))],
             "n": int(sum(g.size for g in groups)), "n_strata": len(groups)}

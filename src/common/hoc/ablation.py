@@ -174,10 +174,9 @@ def _accuracy(result: dict, kept: list[str]) -> dict | None:
     return evaluation.average_accuracy({t: result["tasks"][t] for t in kept}) if result["tasks"] and kept else None
 
 
-def _row_values(rows: dict[str, dict], row: str, k: int) -> tuple[float, dict | None, str | None]:
-    """(perplexity, accuracy summary over the kept tasks, note) of a Table 1 row; the random row averages its
-    seeds' perplexities (its accuracy is the first seed's)."""
-    kept = _kept_tasks(rows)[0]
+def _row_values(rows: dict[str, dict], row: str, k: int, kept: list[str]) -> tuple[float, dict | None, str | None]:
+    """(perplexity, accuracy summary over the ``kept`` tasks (``_kept_tasks``), note) of a Table 1 row; the random
+    row averages its seeds' perplexities (its accuracy is the first seed's)."""
     if row != f"random_top{k}":
         return rows[row]["ppl"], _accuracy(rows[row], kept), None
     seeds = _arms(rows, row)
@@ -190,15 +189,15 @@ def table1_frame(rows: dict[str, dict[str, dict]], k: int) -> pd.DataFrame:
     """HoC Table 1 as a frame indexed (model, attack): ppl, ratio to base, accuracy with its 95% interval."""
     recs = []
     for key, r in rows.items():
+        kept = _kept_tasks(r)[0]
+        chance = chance_average({t: r["base"]["tasks"][t] for t in kept}) if kept else None
         for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
             if row not in r and not any(n.startswith(f"{row}_s") for n in r):
                 continue
-            ppl, avg, _ = _row_values(r, row, k)
+            ppl, avg, _ = _row_values(r, row, k, kept)
             recs.append({"model": key, "attack": row, "ppl": ppl, "ppl_ratio": ppl / r["base"]["ppl"],
                          "acc": avg["acc"] if avg else None, "acc_lo": avg["ci95"][0] if avg else None,
-                         "acc_hi": avg["ci95"][1] if avg else None,
-                         "chance": chance_average({t: r["base"]["tasks"][t] for t in _kept_tasks(r)[0]})
-                         if r["base"]["tasks"] and _kept_tasks(r)[0] else None})
+                         "acc_hi": avg["ci95"][1] if avg else None, "chance": chance})
     return pd.DataFrame(recs).set_index(["model", "attack"])
 
 
@@ -211,6 +210,9 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
     """Record ``M/ppl/{base,zero_topk,keep_topk,random_topk}`` and the same under ``M/acc/`` (DESIGN §9), with
     HoC's Llama-3-8B values beside them (perplexity: Table 1's WikiText-2 column, the corpus we measure on; not its
     three-corpus average). Accuracy is a fraction with its 95% bootstrap interval."""
+    kept, dropped = _kept_tasks(rows)
+    dropped_note = f"; dropped (the intact model answers them the same way throughout): {dropped}" if dropped else ""
+    base_acc = _accuracy(rows["base"], kept)
     for row in ("base", f"zero_top{k}", f"keep_top{k}", f"random_top{k}"):
         paper_ppl, paper_acc = paper.TABLE1_WIKI_PPL.get(row), paper.TABLE1.get(f"acc/{row}")
         ppl_ref = paper.TABLE1_WIKI_REF if paper_ppl is not None else None
@@ -218,14 +220,12 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
             record(f"{key}/ppl/{row}", None, paper=paper_ppl, paper_ref=ppl_ref, note=reason)
             record(f"{key}/acc/{row}", None, paper=paper_acc, paper_ref=paper.TABLE1_REF, note=reason)
             continue
-        ppl, avg, note = _row_values(rows, row, k)
+        ppl, avg, note = _row_values(rows, row, k, kept)
         record(f"{key}/ppl/{row}", ppl, paper=paper_ppl, paper_ref=ppl_ref, note=note)
         ci95, over = _ppl_ratio_ci(rows, _arms(rows, row))
         record(f"{key}/ppl_ratio/{row}", ppl / rows["base"]["ppl"], ci95=ci95,
                note=f"perplexity / intact perplexity{' (mean over the seeds)' if row.startswith('random') else ''}; "
                     f"{over}")
-        kept, dropped = _kept_tasks(rows)
-        dropped_note = f"; dropped (the intact model answers them the same way throughout): {dropped}" if dropped else ""
         record(f"{key}/acc/{row}", avg["acc"] if avg else None, paper=paper_acc, paper_ref=paper.TABLE1_REF,
                ci95=avg["ci95"] if avg else None,
                note=f"unweighted mean over the zero-shot tasks {kept} (fraction; paper: %), 95% bootstrap "
@@ -234,11 +234,10 @@ def record_table1(key: str, rows: dict[str, dict], k: int, reason: str | None = 
             tasks, base = rows[_arms(rows, row)[0]]["tasks"], rows["base"]["tasks"]
             delta = intervals.stratified_paired_difference({t: tasks[t]["correct"] for t in kept},
                                                            {t: base[t]["correct"] for t in kept})
-            record(f"{key}/acc_delta/{row}", avg["acc"] - _accuracy(rows["base"], kept)["acc"], ci95=delta["ci95"],
+            record(f"{key}/acc_delta/{row}", avg["acc"] - base_acc["acc"], ci95=delta["ci95"],
                    note=f"accuracy minus intact accuracy (fraction); 95% paired bootstrap over {delta['n']} items, "
                         f"resampled within each task ({delta['n_strata']} in all)")
     if rows["base"]["tasks"]:
-        kept, dropped = _kept_tasks(rows)
         record(f"{key}/acc/chance", chance_average({t: rows["base"]["tasks"][t] for t in kept}),
                note="mean chance level of the tasks in the mean")
         record(f"{key}/acc/dropped_tasks", dropped,
