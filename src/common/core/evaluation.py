@@ -166,11 +166,12 @@ def _check_resamples(n_resamples: int) -> None:
         raise ValueError(f"n_resamples={n_resamples} must be >= 1 (1000 is the default)")
 
 
-def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None, seed: int = 0,
+def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: task_sets.ItemCounts, seed: int = 0,
               batch_size: int = 8, prepend_bos: bool = False) -> dict[str, dict]:
     """Zero-shot accuracy of the in-memory ``model`` with lm-eval (HoC §2.3 protocol).
 
-    ``tasks``: names from ``common.core.tasks.LOCAL_TASKS`` (built from the held-out split, ``n_items`` each,
+    ``tasks``: names from ``common.core.tasks.LOCAL_TASKS`` (built from the held-out split, ``n_items`` each, or
+    ``n_items[task]`` from a mapping, ``tasks.items_per_task``;
     seeded by ``seed``, written under ``cache_dir()/"tasks"``) and/or ``PAPER_TASKS`` (lm-eval's hub
     datasets; ``n_items`` then limits each to its first items, ``None`` = all; under the dry run their local
     stand-ins, ``tasks.paper_sources``). ``prepend_bos``: the
@@ -199,11 +200,16 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
                            "notebook with python/jupyter; device_map='auto' spreads a large model over the GPUs")
     names = [t for t in tasks if t in task_sets.LOCAL_TASKS]
     paper = [t for t in tasks if t in task_sets.PAPER_TASKS]
-    if names and n_items is None:
+    counts = task_sets.items_per_task(tasks, n_items)
+    if any(counts[t] is None for t in names):
         raise ValueError("local tasks need n_items")
-    docs = {t: task_sets.build_docs(t, n_items, seed) for t in names}
-    configs = task_sets.materialise(names, n_items, seed, cache_dir() / "tasks") if names else []
-    sources = task_sets.paper_sources(paper, n_items, cache_dir() / "tasks")  # hub names, or the dry run's stand-ins
+    limits = {counts[t] for t in paper}
+    if len(limits) > 1:
+        raise ValueError(f"paper tasks share lm-eval's one limit: give them one count, got {sorted(map(str, limits))}")
+    limit = limits.pop() if limits else None
+    docs = {t: task_sets.build_docs(t, counts[t], seed) for t in names}
+    configs = task_sets.materialise(names, {t: counts[t] for t in names}, seed, cache_dir() / "tasks") if names else []
+    sources = task_sets.paper_sources(paper, limit, cache_dir() / "tasks")  # hub names, or the dry run's stand-ins
 
     import lm_eval
     import lm_eval.evaluator  # noqa: F401  (import now, so _quiet_lm_eval sees every lm-eval logger)
@@ -219,7 +225,7 @@ def zero_shot(model: torch.nn.Module, tok, tasks: list[str], n_items: int | None
                                   add_bos_token=prepend_bos, device=str(model.device))
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=[*configs, *sources], task_manager=_task_manager(any(isinstance(x, str) for x in sources)), num_fewshot=0,
-                limit=n_items if paper else None, random_seed=seed, numpy_random_seed=1234,
+                limit=limit, random_seed=seed, numpy_random_seed=1234,
                 torch_random_seed=1234, fewshot_random_seed=1234, bootstrap_iters=0, log_samples=True)
     finally:
         model.train(was_training)  # HFLM switches the model to eval mode

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -283,31 +284,32 @@ LOCAL_TASK_SIZES = {"wiki_mc": (4, 40, 200), "wiki_yesno": (2, 45, 200), "wiki_t
                     "wiki_cloze": (4, 45, 200), "commonsense": (4, 30, 120)}
 
 
-def task_requests(tasks: tuple[str, ...], n_items: int | None) -> list[tuple[int, int, int]]:
-    """Per task of zero-shot ``tasks`` with ``n_items`` docs each (None: all): (requests, mean request length,
-    longest request)."""
+def task_requests(tasks: tuple[str, ...], n_items: int | Mapping[str, int] | None) -> list[tuple[int, int, int]]:
+    """Per task of zero-shot ``tasks`` with ``n_items`` docs each (None: all; a mapping: a count per task, as
+    ``common.core.tasks.items_per_task`` reads it): (requests, mean request length, longest request)."""
     out = []
     for t in tasks:
+        n = n_items.get(t) if isinstance(n_items, Mapping) else n_items
         if t in PAPER_TASK_SIZES:
             docs, choices, mean, longest = PAPER_TASK_SIZES[t]
-            docs = docs if n_items is None else min(docs, n_items)
+            docs = docs if n is None else min(docs, n)
         elif t in LOCAL_TASK_SIZES:
-            if n_items is None:
+            if n is None:
                 raise ValueError(f"local task {t!r} needs n_items")
-            (choices, mean, longest), docs = LOCAL_TASK_SIZES[t], n_items
+            (choices, mean, longest), docs = LOCAL_TASK_SIZES[t], n
         else:
             raise ValueError(f"unknown task {t!r}; known: {', '.join([*PAPER_TASK_SIZES, *LOCAL_TASK_SIZES])}")
         out.append((docs * choices, mean, longest))
     return out
 
 
-def padded_tokens(tasks: tuple[str, ...], n_items: int | None) -> int:
+def padded_tokens(tasks: tuple[str, ...], n_items: int | Mapping[str, int] | None) -> int:
     """Tokens the cached scorer holds per layer for ``tasks``: each batch of requests runs to its own longest
     (``layer_inputs.LayerInputs``), taken as twice the mean request (at most the task's longest)."""
     return sum(reqs * min(longest, 2 * mean) for reqs, mean, longest in task_requests(tasks, n_items))
 
 
-def longest_request(tasks: tuple[str, ...], n_items: int | None) -> int:
+def longest_request(tasks: tuple[str, ...], n_items: int | Mapping[str, int] | None) -> int:
     """The longest request of ``tasks``: lm-eval sorts requests longest first, so its first batch holds it."""
     return max((longest for _, _, longest in task_requests(tasks, n_items)), default=0)
 

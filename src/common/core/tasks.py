@@ -24,7 +24,7 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -322,6 +322,30 @@ def build_docs(name: str, n_items: int, seed: int = 0) -> list[Doc]:
     return docs
 
 
+ItemCounts = int | Mapping[str, int] | None  # one count for every task, a count per task, or None: all (paper tasks)
+
+
+def items_per_task(names: list[str] | tuple[str, ...], n_items: ItemCounts) -> dict[str, int | None]:
+    """How many docs each of ``names`` gets: ``n_items`` for every task (an int, or None: every doc of a paper task),
+    or ``n_items[name]`` from a mapping, which must name exactly ``names`` (issue 20: a fixed-size task such as
+    commonsense, 60 items, runs whole beside wiki tasks of several hundred)."""
+    if not isinstance(n_items, Mapping):
+        return {name: n_items for name in names}
+    missing, extra = [n for n in names if n not in n_items], [n for n in n_items if n not in names]
+    if missing or extra:
+        raise ValueError(f"n_items must give a count for each task and no other: missing {missing}, extra {extra}; "
+                         f"tasks {list(names)}")
+    return {name: n_items[name] for name in names}
+
+
+def describe_items(names: list[str] | tuple[str, ...], n_items: ItemCounts) -> str:
+    """``"wiki_mc 150, commonsense 60 items (210 in all)"`` or ``"20 items each"``, for records' notes."""
+    if not isinstance(n_items, Mapping):
+        return f"{n_items or 'all'} items each"
+    counts = items_per_task(names, n_items)
+    return f"{', '.join(f'{n} {c}' for n, c in counts.items())} items ({sum(counts.values())} in all)"
+
+
 def metric(name: str) -> str:
     """The headline metric of a local or paper task (acc / acc_norm)."""
     if name in PAPER_TASKS:
@@ -387,13 +411,13 @@ def _write(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def materialise(names: list[str], n_items: int, seed: int, root: str | os.PathLike) -> list[dict]:
-    """Write each task's docs to ``root/<name>-n<n>-s<seed>.jsonl`` (atomic: temporary file + rename;
-    an unchanged file is left untouched) and return the inline lm-eval configs, in ``names`` order."""
+def materialise(names: list[str], n_items: ItemCounts, seed: int, root: str | os.PathLike) -> list[dict]:
+    """Write each task's docs (``items_per_task``) to ``root/<name>-n<n>-s<seed>.jsonl`` (atomic: temporary file +
+    rename; an unchanged file is left untouched) and return the inline lm-eval configs, in ``names`` order."""
     configs = []
-    for name in names:
-        path = docs_path(name, n_items, seed, Path(root))
-        _write(path, _jsonl(build_docs(name, n_items, seed)))
+    for name, n in items_per_task(names, n_items).items():
+        path = docs_path(name, n, seed, Path(root))
+        _write(path, _jsonl(build_docs(name, n, seed)))
         configs.append(lm_eval_task_config(name, path))
     return configs
 

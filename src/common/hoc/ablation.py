@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from common.core import arch, data, evaluation, intervals, models
+from common.core import tasks as task_sets
 from common.core.cache import cached, tensor_digest
 from common.core.manifest import record, record_model
 from common.hoc import detection, edits, paper
@@ -385,7 +386,7 @@ def record_sweep(key: str, frame: pd.DataFrame, ks: tuple[int, ...], tasks: tupl
         record(f"{key}/sweep/{kind}/ppl", frame.loc[kind, "ppl"].tolist(), note=f"k = {list(ks)}")
         if kind != "random":
             record(f"{key}/sweep/{kind}/acc", frame.loc[kind, "acc"].tolist(),
-                   note=f"k = {list(ks)}; tasks {list(tasks)}, {n_items} items each")
+                   note=f"k = {list(ks)}; tasks {list(tasks)}, {task_sets.describe_items(tasks, n_items)}")
     for kind, k in SWEEP_DELTAS:
         diff, note = sweep_acc_delta(frame, kind, k, ks)
         record(f"{key}/sweep/{kind}/acc_delta_k{k}", diff["value"] if diff else None,

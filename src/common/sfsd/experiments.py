@@ -57,23 +57,23 @@ class Suite:
         return {**average_accuracy(per_task, seed=seed), "correct": {n: t["correct"] for n, t in per_task.items()}}
 
 
-def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: int | None, seed: int = 0,
+def suite(model: nn.Module, tok, key: str, names: tuple[str, ...], n_items: tasks.ItemCounts, seed: int = 0,
           batch_size: int = 16, keep: str | list[int] = "all") -> Suite:
-    """Zero-shot tasks, local or the paper's (``n_items`` docs each; None: every doc of a paper task), with
-    lm-eval's requests (``tasks.requests``) and the inputs of the layers in ``keep`` cached
-    (``Suite.evaluate(start)`` needs ``start`` among them)."""
-    return Suite({n: evaluation.multiple_choice(model, tok, key, tasks.requests(n, n_items, seed), tasks.metric(n),
+    """Zero-shot tasks, local or the paper's (``n_items`` docs each, or a count per task, ``tasks.items_per_task``;
+    None: every doc of a paper task), with lm-eval's requests (``tasks.requests``) and the inputs of the layers in
+    ``keep`` cached (``Suite.evaluate(start)`` needs ``start`` among them)."""
+    return Suite({n: evaluation.multiple_choice(model, tok, key, tasks.requests(n, count, seed), tasks.metric(n),
                                              batch_size, keep=keep)
-                  for n in names})
+                  for n, count in tasks.items_per_task(names, n_items).items()})
 
 
 def uniform_table(model: nn.Module, key: str, decomps: dict[str, decomposition.Decomposition], windows: layer_inputs.LayerInputs,
                   zero_shot: Suite | None, methods: tuple[str, ...], pcts: tuple[int, ...], protected: int,
-                  seed: int = 0):
-    """SFSD Table A on ``model``: perplexity and zero-shot accuracy at rank pct% of kappa in every module of
-    the unprotected layers, per method, plus the dense row (method "dense", pct 100). Each cell is cached, with
-    the per-unit values its intervals need: ``window_nll`` (each test window's mean NLL) and ``correct`` (per
-    task, each item's 0/1)."""
+                  seed: int = 0, acc_pcts: tuple[int, ...] | None = None):
+    """SFSD Table A on ``model``: perplexity at rank pct% of kappa in every module of the unprotected layers, per
+    method, plus the dense row (method "dense", pct 100); zero-shot accuracy on the dense row and at the budgets
+    ``acc_pcts`` (None: every pct; the others' ``acc`` is NaN). Each cell is cached, with the per-unit values its
+    intervals need: ``window_nll`` (each test window's mean NLL) and ``correct`` (per task, each item's 0/1)."""
     import pandas as pd
 
     layers = sorted({d.target.layer for d in decomps.values() if d.target.layer >= protected})
@@ -83,18 +83,24 @@ def uniform_table(model: nn.Module, key: str, decomps: dict[str, decomposition.D
                 "tasks": {n: len(d) for n, d in docs.items()}, "task_digest": _docs_digest(docs), "seed": seed,
                 "format": UNIFORM_FORMAT}
 
+    unknown = sorted(set(acc_pcts or ()) - set(pcts))
+    if unknown:
+        raise ValueError(f"acc_pcts {unknown} are not among the budgets pcts {list(pcts)}")
+
     def cell(method: str, pct: int) -> dict:
+        with_acc = zero_shot is not None and (method == "dense" or acc_pcts is None or pct in acc_pcts)
+
         def compute() -> dict:
             ranks = {} if method == "dense" else lowrank.uniform_ranks(decomps, pct, layers)
             with lowrank.decomposed(model, decomps, "feature" if method == "dense" else method, ranks):
                 ppl, window_nll = windows.perplexity_and_windows(protected)
                 out = {"ppl": ppl, "window_nll": window_nll.tolist(),
                        "share": lowrank.model_share(model, decomps, ranks, method), "params": budgets.param_count(model)}
-                if zero_shot:
+                if with_acc:
                     acc = zero_shot.evaluate(protected, seed)
                     out.update(acc=acc["acc"], ci95=acc["ci95"], chance=acc["chance"], correct=acc["correct"])
             return out
-        return cached("lowrank_uniform", {**base_key, "method": method, "pct": pct}, compute)
+        return cached("lowrank_uniform", {**base_key, "method": method, "pct": pct, "acc": with_acc}, compute)
 
     rows = [{"method": "dense", "pct": 100, **cell("dense", 100)}]
     rows += [{"method": m, "pct": p, **cell(m, p)} for m in methods for p in pcts]
@@ -112,17 +118,18 @@ def record_uniform(key: str, frame, tasks_note: str) -> None:
     """DESIGN §9 keys: ``M/lowrank/<method>/<pct>/ppl|acc`` and ``M/lowrank/<pct>/whole_model_pct``; the methods'
     comparisons at each budget with their 95% intervals: perplexity ratios paired over the test windows
     (``intervals.perplexity_ratio``), accuracy differences paired over items resampled within each task
-    (``intervals.stratified_paired_difference``), and their mean over the budgets the same way."""
+    (``intervals.stratified_paired_difference``), and their mean over the budgets the same way; accuracy only where
+    the cell has it (``uniform_table``'s ``acc_pcts``)."""
     dense = frame[frame.method == "dense"].iloc[0]
     record(f"{key}/lowrank/dense/ppl", dense.ppl, paper=paper.DENSE_PPL, paper_ref=paper.DENSE_PPL_REF)
-    if "acc" in frame:
+    if _has_acc(dense):
         record(f"{key}/lowrank/dense/acc", dense.acc, ci95=dense.ci95, paper=paper.TABLE_A["dense"] / 100,
                paper_ref="SFSD Table A (LLaMA-7B, 6-task average)", note=tasks_note)
     for row in frame[frame.method != "dense"].itertuples():
         value = paper.TABLE_A.get((row.method, row.pct))
         ref = paper.TABLE_A_REF if value is not None else None
         record(f"{key}/lowrank/{row.method}/{row.pct}/ppl", row.ppl, note="held-out wiki windows")
-        if "acc" in frame:
+        if _has_acc(row):
             record(f"{key}/lowrank/{row.method}/{row.pct}/acc", row.acc, ci95=row.ci95,
                    paper=None if value is None else value / 100, paper_ref=ref, note=tasks_note)
     for pct, share in frame[frame.method == "feature"].set_index("pct").share.items():
@@ -136,14 +143,16 @@ def record_uniform(key: str, frame, tasks_note: str) -> None:
                 record(f"{key}/lowrank/{pct}/{other}_over_feature_ppl", cells.loc[(other, pct), "ppl"] / cells.loc[("feature", pct), "ppl"],
                        ci95=ratio["ci95"], note=f"perplexity ratio at rank {pct}% of kappa; 95% paired bootstrap over "
                                                 f"{ratio['n']} test windows")
-        if "acc" in frame and ("weight_svd", pct) in cells.index:
+        if ("weight_svd", pct) in cells.index and _has_acc(cells.loc[("feature", pct)]) \
+                and _has_acc(cells.loc[("weight_svd", pct)]):
             diff = intervals.stratified_paired_difference(cells.loc[("feature", pct), "correct"],
                                                           cells.loc[("weight_svd", pct), "correct"])
             record(f"{key}/lowrank/{pct}/feature_minus_svd_acc", cells.loc[("feature", pct), "acc"] - cells.loc[("weight_svd", pct), "acc"],
                    ci95=diff["ci95"], note=_items_note(diff),
                    paper=None if pct not in (80, 50) else (paper.TABLE_A[("feature", pct)] - paper.TABLE_A[("weight_svd", pct)]) / 100,
                    paper_ref=paper.TABLE_A_REF if pct in (80, 50) else None)
-    pcts = [p for m, p in cells.index if m == "feature" and ("weight_svd", p) in cells.index] if "acc" in frame else []
+    pcts = [p for m, p in cells.index if m == "feature" and ("weight_svd", p) in cells.index
+            and _has_acc(cells.loc[("feature", p)]) and _has_acc(cells.loc[("weight_svd", p)])]
     if pcts:
         pairs = [(cells.loc[("feature", p), "acc"], cells.loc[("weight_svd", p), "acc"]) for p in pcts]
         diff = intervals.stratified_paired_difference(*(_mean_correct([cells.loc[(m, p), "correct"] for p in pcts])
@@ -151,6 +160,12 @@ def record_uniform(key: str, frame, tasks_note: str) -> None:
         record(f"{key}/lowrank/feature_minus_svd_acc_mean", float(np.mean([f - w for f, w in pairs])), ci95=diff["ci95"],
                note=f"mean over the {len(pcts)} uniform budgets of the accuracy difference; {_items_note(diff)} "
                     "(an item's difference averaged over the budgets)")
+
+
+def _has_acc(row) -> bool:
+    """Whether a Table A cell (a frame row) was scored on the zero-shot tasks."""
+    acc = getattr(row, "acc", None)
+    return acc is not None and not math.isnan(acc)
 
 
 def _items_note(diff: dict) -> str:

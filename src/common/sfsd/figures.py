@@ -35,17 +35,19 @@ METHOD_LABELS = {"weight_svd": "weight SVD", "feature": "feature space (mean com
 
 
 def plot_uniform(frames: dict[str, object], paper: dict) -> plt.Figure:
-    """SFSD Table A: perplexity (log) and zero-shot accuracy vs whole-model parameter share per method,
-    one column per model; the paper's LLaMA-7B averages in the accuracy panels' legend."""
+    """SFSD Table A: perplexity (log) and zero-shot accuracy (at the budgets that have it) vs whole-model parameter
+    share per method, one column per model; the paper's LLaMA-7B averages in the accuracy panels' legend."""
     fig, axes = plt.subplots(2, len(frames), figsize=(4.0 * len(frames), 5.4), squeeze=False, layout="constrained")
     for j, (key, frame) in enumerate(frames.items()):
         dense = frame[frame.method == "dense"].iloc[0]
         for i, method in enumerate(m for m in METHOD_LABELS if m in set(frame.method)):
             f = frame[frame.method == method].sort_values("share")
             axes[0][j].plot(100 * f.share, f.ppl, marker="o", ms=3, color=PALETTE[i], label=METHOD_LABELS[method])
-            if "acc" in f:
-                err = np.abs(np.array(f.ci95.tolist()).T - f.acc.to_numpy())
-                axes[1][j].errorbar(100 * f.share, f.acc, yerr=err, marker="o", ms=3, color=PALETTE[i], capsize=2)
+            scored = f[f.acc.notna()] if "acc" in f else f.iloc[:0]  # the budgets with zero-shot accuracy
+            if len(scored):
+                err = np.abs(np.array(scored.ci95.tolist()).T - scored.acc.to_numpy())
+                axes[1][j].errorbar(100 * scored.share, scored.acc, yerr=err, marker="o", ms=3, color=PALETTE[i],
+                                    capsize=2)
         axes[0][j].axhline(dense.ppl, color="k", lw=0.8, ls=":", label="dense")
         axes[0][j].set_yscale("log")  # 17 to 10^8: powers of ten
         axes[0][j].set_title(display_name(key), fontsize="small")

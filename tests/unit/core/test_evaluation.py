@@ -102,3 +102,12 @@ def test_perplexity_is_exp_of_total_nll_over_tokens(tiny_llama) -> None:
     nll = evaluation.window_nll(model, windows, batch_size=2)
     assert evaluation.perplexity(model, windows, batch_size=2) == pytest.approx(want, rel=1e-6)
     assert math.exp(nll.mean()) == pytest.approx(want, rel=1e-6) and len(set(nll.round(6))) == 5
+
+
+def test_zero_shot_paper_tasks_share_one_limit() -> None:
+    """lm-eval limits every hub task alike: a per-task mapping that gives paper tasks different counts is refused
+    before anything is scored (local tasks may differ: they are built to their own counts)."""
+    with pytest.raises(ValueError, match="one limit"):
+        evaluation.zero_shot(None, None, ["arc_easy", "boolq"], {"arc_easy": 5, "boolq": 6})
+    with pytest.raises(ValueError, match="missing"):
+        evaluation.zero_shot(None, None, ["wiki_mc", "commonsense"], {"wiki_mc": 5})

@@ -118,8 +118,11 @@ def test_task_requests() -> None:
     assert gpu.padded_tokens(("piqa", "boolq"), 100) == 200 * 120 + 200 * 340
     assert gpu.padded_tokens(("winogrande",), 10) == 20 * 60  # capped at the longest
     assert gpu.longest_request(("piqa", "boolq"), 100) == 900 and gpu.longest_request((), None) == 0
+    assert gpu.task_requests(("piqa", "boolq"), {"piqa": 10, "boolq": 100}) == [(20, 60, 260), (200, 170, 900)]
     with pytest.raises(ValueError, match="n_items"):
         gpu.task_requests(("commonsense",), None)
+    with pytest.raises(ValueError, match="n_items"):  # a mapping without the local task
+        gpu.task_requests(("commonsense",), {"piqa": 10})
     with pytest.raises(ValueError, match="unknown task"):
         gpu.task_requests(("nope",), 3)
 

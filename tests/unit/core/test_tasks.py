@@ -237,6 +237,25 @@ def test_materialise_writes_atomically_and_is_idempotent(tmp_path) -> None:
     assert (tmp_path / "wiki_mc-n6-s2.jsonl").stat().st_mtime_ns == stamp  # unchanged file not rewritten
 
 
+def test_items_per_task_and_materialise_with_a_count_per_task(tmp_path) -> None:
+    """A mapping gives each task its own count (commonsense whole beside a longer wiki task); it must name exactly
+    the tasks asked for; an int or None applies to every task."""
+    assert tasks.items_per_task(["wiki_mc", "commonsense"], 5) == {"wiki_mc": 5, "commonsense": 5}
+    assert tasks.items_per_task(["arc_easy"], None) == {"arc_easy": None}
+    counts = {"wiki_mc": 9, "commonsense": 60}
+    assert tasks.items_per_task(["wiki_mc", "commonsense"], counts) == counts
+    with pytest.raises(ValueError, match=r"missing \['commonsense'\]"):
+        tasks.items_per_task(["wiki_mc", "commonsense"], {"wiki_mc": 9})
+    with pytest.raises(ValueError, match=r"extra \['wiki_cloze'\]"):
+        tasks.items_per_task(["wiki_mc"], {"wiki_mc": 9, "wiki_cloze": 3})
+    tasks.materialise(["wiki_mc", "commonsense"], counts, 0, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["commonsense-n60-s0.jsonl", "wiki_mc-n9-s0.jsonl"]
+    assert len((tmp_path / "commonsense-n60-s0.jsonl").read_text().splitlines()) == 60
+    assert tasks.describe_items(["wiki_mc", "commonsense"], counts) == "wiki_mc 9, commonsense 60 items (69 in all)"
+    assert tasks.describe_items(["wiki_mc"], 20) == "20 items each"
+    assert tasks.describe_items(["arc_easy"], None) == "all items each"
+
+
 def test_changed_docs_are_never_read_from_a_stale_datasets_cache(tmp_path) -> None:
     """datasets keys local files by path and mtime: a rewrite with the same mtime and size must still be
     read afresh with the config's dataset_kwargs."""

@@ -723,6 +723,33 @@ def test_uniform_table(plain, monkeypatch, tmp_path):
     assert len(decomposition.EIGH_CALLS) == eigh_before
 
 
+def test_uniform_table_scores_accuracy_only_at_acc_pcts(plain, monkeypatch, tmp_path):
+    """``acc_pcts``: the dense row and those budgets get the tasks, the other budgets perplexity only (NaN accuracy),
+    and record_uniform then records the accuracy comparison and the mean over budgets from the scored budgets
+    alone. A budget outside ``pcts`` is refused."""
+    model, tok, decomps = plain
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
+    zs = experiments.suite(model, tok, KEY, ("commonsense",), {"commonsense": 8})
+    windows = layer_inputs.LayerInputs(model, _windows(), batch_size=4)
+    table = experiments.uniform_table(model, KEY, decomps, windows, zs, ("weight_svd", "feature"), (100, 50), 1,
+                                      acc_pcts=(50,))
+    scored = {(r.method, r.pct) for r in table.itertuples() if not math.isnan(r.acc)}
+    assert scored == {("dense", 100), ("weight_svd", 50), ("feature", 50)}
+    full = experiments.uniform_table(model, KEY, decomps, windows, zs, ("weight_svd", "feature"), (100, 50), 1)
+    assert not full.acc.isna().any()  # the plant: without acc_pcts every cell is scored
+    assert table.ppl.tolist() == full.ppl.tolist()
+    recorded = {}
+    monkeypatch.setattr(experiments, "record", lambda key, value, **kw: recorded.setdefault(key, value))
+    experiments.record_uniform(KEY, table, "note")
+    assert f"{KEY}/lowrank/50/feature_minus_svd_acc" in recorded
+    assert f"{KEY}/lowrank/100/feature_minus_svd_acc" not in recorded
+    assert f"{KEY}/lowrank/feature/100/acc" not in recorded and f"{KEY}/lowrank/feature/100/ppl" in recorded
+    assert recorded[f"{KEY}/lowrank/feature_minus_svd_acc_mean"] == pytest.approx(
+        recorded[f"{KEY}/lowrank/50/feature_minus_svd_acc"])  # one scored budget: its mean is itself
+    with pytest.raises(ValueError, match="acc_pcts"):
+        experiments.uniform_table(model, KEY, decomps, windows, zs, ("feature",), (100, 50), 1, acc_pcts=(80,))
+
+
 def test_uniform_table_cache_follows_decompositions(plain, monkeypatch, tmp_path):
     """A cell computed from decompositions on other calibration data is another result: it must not be
     served from the cache of the first."""
