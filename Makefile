@@ -120,6 +120,7 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	TQDM_DISABLE=1 $(PY) bench/bench_lowrank.py
 	TQDM_DISABLE=1 $(PY) bench/bench_decompose.py
 	TQDM_DISABLE=1 $(PY) bench/bench_zero_shot.py
+	TQDM_DISABLE=1 $(PY) bench/bench_bf16.py
 	@sed -n '/<!-- table -->/,$$p' bench/README.md
 
 report: setup  ## regenerate REPORT.md (each claim: paper vs ours, status, figure) and the README results table from the manifests + claims.yaml

@@ -351,6 +351,16 @@ def test_val_windows_are_evenly_spaced_and_disjoint() -> None:
         training.val_windows(torch.arange(100), 0, 9)
 
 
+def test_shifted_val_windows_sit_halfway_between_and_are_disjoint() -> None:
+    """shift=True: starts at i * stride + stride // 2, no token shared with the unshifted windows; the stream must
+    hold twice the windows."""
+    plain, shifted = training.val_windows(torch.arange(200), 4, 9), training.val_windows(torch.arange(200), 4, 9, shift=True)
+    assert shifted[:, 0].tolist() == [25, 75, 125, 175]
+    assert not set(plain.flatten().tolist()) & set(shifted.flatten().tolist())
+    with pytest.raises(ValueError, match="as many between"):
+        training.val_windows(torch.arange(60), 4, 9, shift=True)  # holds 4 windows, not 8
+
+
 def test_token_stream_bytes_join_documents_with_a_blank_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """"byte" gives the UTF-8 bytes (uint8) of the documents joined by a blank line: the synthetic corpus
     against a hand encoding, and a planted two-document corpus with a non-ASCII character; an unknown
@@ -763,6 +773,73 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert out["s4b_first_within_tol_of_reference"] == (exp.variants["inherit_first"].val_loss
                                                        <= ref.val_loss + g.tolerance)
     assert out["s6_lazy_share_inheritune"] == len(tgt_stats.lazy_layers()) / 2
+
+
+class _Fake:
+    """Stands in for a trained run in choose_steps: its depth and steps; load() returns itself."""
+
+    def __init__(self, n_layer: int, steps: int) -> None:
+        self.n_layer, self.steps = n_layer, steps
+
+    def load(self):
+        return self
+
+
+def _plant_gaps(monkeypatch: pytest.MonkeyPatch, gaps: dict[int, float]) -> None:
+    """choose_steps sees a fresh half-depth model worse than the reference by gaps[S] nats (+ seeded noise)."""
+    monkeypatch.setattr(training, "_reference_run", lambda cfg, s, *a, **k: _Fake(cfg.n_layer, s.steps))
+    monkeypatch.setattr(training, "_half_depth_run", lambda name, cfg, s, *a, **k: _Fake(cfg.n_layer // 2, s.steps))
+    noise = torch.Generator().manual_seed(0)
+
+    def losses(run, windows):
+        base = torch.full((len(windows),), 2.0, dtype=torch.float64) + 0.01 * torch.randn(len(windows), generator=noise,
+                                                                                            dtype=torch.float64)
+        return base + (gaps[run.steps] if run.n_layer < 8 else 0.0)
+
+    monkeypatch.setattr(training, "window_losses", losses)
+
+
+def test_choose_steps_stops_at_the_first_separated_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: the gap opens at S = 8 (0.1 nats, margin 0.05): S = 8, separated, two trials. Without the gap: the
+    last S of the schedule, not separated, every S tried. A schedule that is not increasing is refused."""
+    cfg, s = GPTConfig(n_layer=8), PretrainSettings(steps=4)
+    args = (torch.zeros(10), torch.zeros(4, 5), torch.zeros(32, 5))
+    _plant_gaps(monkeypatch, {4: 0.0, 8: 0.1, 16: 0.2})
+    choice = training.choose_steps(cfg, s, *args, schedule=(4, 8, 16), margin=0.05)
+    assert (choice.steps, choice.separated) == (8, True)
+    assert [t["steps"] for t in choice.trials] == [4, 8] and choice.trials[1]["ci95"][0] > 0.05
+    assert choice.trials[0]["ci95"][0] < 0.05 < choice.trials[1]["value"]
+    _plant_gaps(monkeypatch, {4: 0.0, 8: 0.0, 16: 0.0})
+    choice = training.choose_steps(cfg, s, *args, schedule=(4, 8, 16), margin=0.05)
+    assert (choice.steps, choice.separated) == (16, False) and len(choice.trials) == 3
+    for bad in ((), (8, 4), (4, 4), (0, 4)):
+        with pytest.raises(ValueError, match="increasing"):
+            training.choose_steps(cfg, s, *args, schedule=bad, margin=0.05)
+
+
+def test_choose_steps_runs_are_the_experiments_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference and the fresh half-depth model that choose_steps trains at the chosen S are read from the cache
+    by run_experiment at that S: it trains only the other variants."""
+    ref_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16)
+    s = PretrainSettings(steps=6, batch_size=4, lr=3e-3, warmup=2, eval_interval=3, n_val=4)
+    stream = data.token_stream("synthetic", "train", "byte")
+    heldout = data.token_stream("synthetic", "heldout", "byte")
+    val, select = training.val_windows(heldout, 4, 16), training.val_windows(heldout, 4, 16, shift=True)
+    choice = training.choose_steps(ref_cfg, s, stream, val, select, schedule=(3, 6), margin=-10.0)
+    assert (choice.steps, choice.separated) == (3, True)  # any difference clears a margin of -10
+    calls = _count_batches(monkeypatch)
+    exp = training.run_experiment(ref_cfg, replace(s, steps=3), stream, val, variants=("random", "inherit_first"))
+    assert len(calls) == 3  # inherit_first only: the reference and random came from the cache
+    assert exp.reference.steps == exp.variants["random"].steps == 3
+
+
+def test_record_step_choice(records) -> None:
+    choice = training.StepChoice(1200, True, [{"steps": 600, "value": 0.0, "ci95": [-0.01, 0.01], "n": 8},
+                                              {"steps": 1200, "value": 0.05, "ci95": [0.03, 0.07], "n": 8}])
+    training.record_step_choice("gpt-byte", choice, 0.02)
+    got = {k: r["value"] for k, r in records().items()}
+    assert got["gpt-byte/inheritune/steps"] == 1200 and got["gpt-byte/inheritune/steps/separated"] is True
+    assert [t["steps"] for t in got["gpt-byte/inheritune/steps/trials"]] == [600, 1200]
 
 
 def test_runs_frame_lists_variants_then_rounds() -> None:
