@@ -20,7 +20,7 @@ import torch
 from common import REPO_ROOT
 from common.core.env import json_ready, write_json_atomic
 from common.core.gpu import device
-from common.core.models import weights_id
+from common.core.models import loaded_dtype, weights_id
 from common.core.profiles import load_config
 
 
@@ -106,10 +106,15 @@ def record(key: str, value: Any, paper: Any = None, paper_ref: str | None = None
     return value
 
 
-def record_model(key: str) -> None:
-    """Add a model's weight identity (sha256 or pinned revision) to the run block."""
+def record_model(key: str, dtype: str | None = None) -> None:
+    """Add a model's weight identity (sha256 or pinned revision) to the run block, and the precision of its numbers
+    to ``run.dtypes``: ``dtype``, else the dtype ``models.load_model`` last loaded it in. A record's precision is
+    ``run.dtypes`` of the model its key starts with, else ``run.dtype`` (fp32, the statistics' precision)."""
     m = current()
     m.run["models"][key] = weights_id(key)
+    precision = dtype or loaded_dtype(key)
+    if precision:
+        m.run.setdefault("dtypes", {})[key] = precision
     m.save()
 
 

@@ -393,7 +393,17 @@ def load_model(key: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedMo
     if model.device.type != dev.type and not hasattr(model, "hf_device_map"):
         model = model.to(dev)
     model.eval()
+    _LOADED_DTYPES[key] = str(dtype).removeprefix("torch.")
     return model, tok
+
+
+_LOADED_DTYPES: dict[str, str] = {}
+
+
+def loaded_dtype(key: str) -> str | None:
+    """The dtype ``load_model`` last loaded ``key``'s weights in, in this process ("float32", "bfloat16"); None
+    before the first load. What the manifest records as the precision of the model's numbers."""
+    return _LOADED_DTYPES.get(key)
 
 
 def weights_id(key: str) -> str:

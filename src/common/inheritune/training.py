@@ -448,6 +448,7 @@ def record_experiment(key: str, exps: Experiment | list[Experiment]) -> None:
     exps = [exps] if isinstance(exps, Experiment) else list(exps)
     exp = exps[0]
     current().run["models"][key] = f"self-trained:inheritune/{os.path.basename(exp.reference.path)}"
+    current().run.setdefault("dtypes", {})[key] = "float32"  # fp32 weights evaluated without autocast (window_losses)
     current().save()
     seeds = f"; mean over {len(exps)} training seeds" if len(exps) > 1 else ""
     window_note = f"{len(exp.reference.window_losses)} fixed validation windows; nats per token{seeds}"

@@ -137,6 +137,22 @@ def test_record_model_and_summary(tmp_path: Path) -> None:
     assert list(other.index) == ["z/q"]
 
 
+def test_record_model_records_the_precision_its_numbers_have(tmp_path: Path, monkeypatch) -> None:
+    """run.dtypes[key]: the dtype load_model last loaded the model in (bf16 here), or the one given; nothing for a
+    model never loaded in this process."""
+    monkeypatch.setattr(models, "_LOADED_DTYPES", {})
+    manifest.start(_cfg(tmp_path))
+    manifest.record_model("tiny-llama")
+    assert "dtypes" not in manifest.load(manifest.current().path)["run"]  # never loaded: no precision to state
+    models.load_model("tiny-llama", dtype=torch.bfloat16)
+    manifest.record_model("tiny-llama")
+    manifest.record_model("tiny-gpt2", dtype="float32")
+    assert manifest.load(manifest.current().path)["run"]["dtypes"] == {"tiny-llama": "bfloat16", "tiny-gpt2": "float32"}
+    models.load_model("tiny-llama")  # the default on CPU
+    manifest.record_model("tiny-llama")
+    assert manifest.load(manifest.current().path)["run"]["dtypes"]["tiny-llama"] == "float32"
+
+
 def test_summary_stores_the_runs_cost(tmp_path: Path) -> None:
     """``summary`` (every notebook's last cell) writes the wall time since ``setup`` and the kernel's peak
     memory into the manifest's run block (notebooks/README.md's cost table reads them)."""
