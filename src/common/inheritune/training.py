@@ -401,6 +401,19 @@ def record_step_choice(key: str, choice: StepChoice, margin: float) -> None:
                 "claims' windows), nats per token, 95% paired bootstrap")
 
 
+def settle_steps(cfg, s: PretrainSettings, stream: torch.Tensor, heldout: torch.Tensor, val: torch.Tensor,
+                 key: str) -> tuple[PretrainSettings, StepChoice | None]:
+    """Notebook 04's recipe ``s`` with S chosen by ``choose_steps`` over ``cfg.steps_schedule`` (``cfg``: its
+    InherituneConfig; selection windows ``val_windows(heldout, ..., shift=True)``), recorded under ``key``; ``s``
+    unchanged and None when the profile has no schedule."""
+    if not cfg.steps_schedule:
+        return s, None
+    select = val_windows(heldout, len(val), cfg.reference.block_size, shift=True)
+    choice = choose_steps(cfg.reference, s, stream, val, select, cfg.steps_schedule, cfg.steps_margin, cfg.seed)
+    record_step_choice(key, choice, cfg.steps_margin)
+    return replace(s, steps=choice.steps), choice
+
+
 def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int = 0,
                    growth_step: int = 2, max_rounds: int = 2, variants: tuple[str, ...] = VARIANTS,
                    progress: Callable[[str], None] | None = None) -> Experiment:

@@ -833,6 +833,20 @@ def test_choose_steps_runs_are_the_experiments_runs(monkeypatch: pytest.MonkeyPa
     assert exp.reference.steps == exp.variants["random"].steps == 3
 
 
+def test_settle_steps_applies_and_records_the_choice(monkeypatch: pytest.MonkeyPatch, records) -> None:
+    """With a schedule: the recipe at the chosen S, and the choice recorded; without one: the recipe untouched."""
+    from types import SimpleNamespace
+
+    _plant_gaps(monkeypatch, {4: 0.0, 8: 0.1, 16: 0.2})
+    cfg = SimpleNamespace(steps_schedule=(4, 8, 16), steps_margin=0.05, reference=GPTConfig(n_layer=8), seed=0)
+    s, val = PretrainSettings(steps=4), torch.zeros(32, 129)
+    settled, choice = training.settle_steps(cfg, s, torch.zeros(10), torch.arange(9000), val, "gpt-byte")
+    assert settled == replace(s, steps=8) and choice.steps == 8 and choice.separated
+    assert records()["gpt-byte/inheritune/steps"]["value"] == 8
+    unscheduled = SimpleNamespace(**{**vars(cfg), "steps_schedule": ()})
+    assert training.settle_steps(unscheduled, s, torch.zeros(10), torch.arange(9000), val, "x/y") == (s, None)
+
+
 def test_record_step_choice(records) -> None:
     choice = training.StepChoice(1200, True, [{"steps": 600, "value": 0.0, "ci95": [-0.01, 0.01], "n": 8},
                                               {"steps": 1200, "value": 0.05, "ci95": [0.03, 0.07], "n": 8}])
