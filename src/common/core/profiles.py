@@ -196,7 +196,7 @@ class InherituneConfig(CorpusConfig):
     n_analysis: int = 32  # validation windows the self-trained GPTs' attention is measured on
     n_seeds: int = 1  # training seeds seed, seed + 1, ...: each trains the reference, the variants and the growth rounds
     # issue 20: S = the first of these step counts at which the reference beats a fresh half-depth model by more than
-    # steps_margin nats (95% interval, selection windows; inheritune.training.choose_steps); () keeps train.steps
+    # steps_margin nats (95% interval, selection windows; inheritune.steps.choose_steps); () keeps train.steps
     steps_schedule: tuple[int, ...] = ()
     steps_margin: float = 0.02
 

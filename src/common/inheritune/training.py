@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -336,82 +336,18 @@ class Experiment:
         return {"reference": self.reference, **self.variants}
 
 
-def _reference_run(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int,
+def reference_run(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int,
                    progress: Callable[[str], None] | None, data_id: dict) -> Run:
     """The reference: ``ref_cfg`` freshly initialised (``seed``) and trained for ``s.steps`` (cached)."""
     model, init = random_init(ref_cfg, seed)
     return train("reference", model, init, stream, val, s, seed, progress=progress, data_id=data_id)
 
 
-def _half_depth_run(name: str, ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
+def half_depth_run(name: str, ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
                     seed: int, steps: int, progress: Callable[[str], None] | None, data_id: dict) -> Run:
     """A fresh model of half the reference's depth trained for ``steps`` (cached): Table 5's "random"."""
     target, how = random_init(GPTConfig(**{**ref_cfg.shape(), "n_layer": ref_cfg.n_layer // 2}), seed)
     return train(name, target, how, stream, val, s, seed, steps=steps, progress=progress, data_id=data_id)
-
-
-@dataclass
-class StepChoice:
-    """The training length ``choose_steps`` chose, whether the reference beat a fresh half-depth model by the
-    margin there, and every length tried: ``{"steps", "value", "ci95", "n"}`` (random - reference loss on the
-    selection windows, nats per token, 95% paired bootstrap over them)."""
-    steps: int
-    separated: bool
-    trials: list[dict]
-
-
-def choose_steps(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
-                 select: torch.Tensor, schedule: Sequence[int], margin: float, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> StepChoice:
-    """The training length S of Inheritune's comparison (issue 20; Table 5's premise): "matches the reference" says
-    something only where the reference is clearly better than a fresh half-depth model trained for the same steps.
-    For S in ``schedule`` (increasing), train both (seed ``seed``) and stop at the first S where the 95% paired
-    bootstrap interval of random - reference over the ``select`` windows (``val_windows(..., shift=True)``:
-    disjoint from ``val``, which the claims read) lies above ``margin``; otherwise the last S, ``separated``
-    False. Both runs are cached under the same keys ``run_experiment`` uses, so the chosen S's are reused."""
-    schedule = [int(x) for x in schedule]
-    if not schedule or schedule != sorted(set(schedule)) or schedule[0] < 1:
-        raise ValueError(f"schedule must be increasing positive step counts, got {list(schedule)}")
-    data_id = {"train": data_digest(stream), "val": data_digest(val)}
-    trials = []
-    for steps in schedule:
-        at = replace(s, steps=steps)
-        ref = _reference_run(ref_cfg, at, stream, val, seed, progress, data_id)
-        fresh = _half_depth_run("random", ref_cfg, at, stream, val, seed, steps, progress, data_id)
-        diff = intervals.paired_difference(window_losses(fresh.load(), select).numpy(),
-                                           window_losses(ref.load(), select).numpy())
-        trials.append({"steps": steps, "value": diff["value"], "ci95": diff["ci95"], "n": diff["n"]})
-        if progress:
-            progress(f"S = {steps}: random - reference {diff['value']:+.4f} {diff['ci95']} on the selection windows")
-        if diff["ci95"][0] > margin:
-            return StepChoice(steps, True, trials)
-    return StepChoice(schedule[-1], False, trials)
-
-
-def record_step_choice(key: str, choice: StepChoice, margin: float) -> None:
-    """``<key>/inheritune/steps`` (the chosen S), ``.../steps/separated`` and ``.../steps/trials``."""
-    record(f"{key}/inheritune/steps", choice.steps,
-           note=f"training steps S of every run, chosen by choose_steps from {[t['steps'] for t in choice.trials]}: "
-                f"the first S whose random - reference 95% interval on the selection windows lies above {margin}")
-    record(f"{key}/inheritune/steps/separated", choice.separated,
-           note="whether the reference beat a fresh half-depth model by the margin at the chosen S (else the "
-                "last S of the schedule)")
-    record(f"{key}/inheritune/steps/trials", choice.trials,
-           note="per S tried: random - reference validation loss on the selection windows (disjoint from the "
-                "claims' windows), nats per token, 95% paired bootstrap")
-
-
-def settle_steps(cfg, s: PretrainSettings, stream: torch.Tensor, heldout: torch.Tensor, val: torch.Tensor,
-                 key: str) -> tuple[PretrainSettings, StepChoice | None]:
-    """Notebook 04's recipe ``s`` with S chosen by ``choose_steps`` over ``cfg.steps_schedule`` (``cfg``: its
-    InherituneConfig; selection windows ``val_windows(heldout, ..., shift=True)``), recorded under ``key``; ``s``
-    unchanged and None when the profile has no schedule."""
-    if not cfg.steps_schedule:
-        return s, None
-    select = val_windows(heldout, len(val), cfg.reference.block_size, shift=True)
-    choice = choose_steps(cfg.reference, s, stream, val, select, cfg.steps_schedule, cfg.steps_margin, cfg.seed)
-    record_step_choice(key, choice, cfg.steps_margin)
-    return replace(s, steps=choice.steps), choice
 
 
 def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int = 0,
@@ -425,7 +361,7 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     data_id = {"train": data_digest(stream), "val": data_digest(val)}  # hashed once for every run
-    ref = _reference_run(ref_cfg, s, stream, val, seed, progress, data_id)
+    ref = reference_run(ref_cfg, s, stream, val, seed, progress, data_id)
     reference = ref.load()
     half = ref_cfg.n_layer // 2
     ref_id = os.path.basename(ref.path)
@@ -436,7 +372,7 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
                      data_id=data_id)
 
     def scratch(name: str, steps: int) -> Run:
-        return _half_depth_run(name, ref_cfg, s, stream, val, seed, steps, progress, data_id)
+        return half_depth_run(name, ref_cfg, s, stream, val, seed, steps, progress, data_id)
 
     build = {"inherit_first": lambda: inherited("first"), "inherit_last": lambda: inherited("last"),
              "inherit_middle": lambda: inherited("middle"), "random": lambda: scratch("random", s.steps),
