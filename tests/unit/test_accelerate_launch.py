@@ -8,8 +8,6 @@ processes only through mpirun; on CPU the Trainer then runs DDP over gloo (``use
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -18,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from launcher import free_port, launch_env
 from safetensors.torch import load_file
 
 from common import REPO_ROOT
@@ -30,22 +29,12 @@ KEY, ARM, SEED = "tiny-llama", "lora_macdrop", 1  # one of the smoke profile's n
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cache, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(REPRO_CACHE=str(cache), REPRO_PROFILE="smoke", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            "-m", "common.hoc.finetune", "--profile", "smoke", "--model", KEY, "--arm", ARM, "--seed", str(SEED)]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(cache), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -15,6 +15,7 @@ inherit its first layers, grown by +2 layers per round until they match it; and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,17 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
 from common import __version__
-from common.core import intervals
 from common.core.env import cache_dir, write_json_atomic
-from common.core.gpu import device
-from common.core.manifest import current, record
+from common.core.gpu import device, local_rank
 from common.core.profiles import GPTConfig, PretrainSettings
-from common.inheritune import paper
 from common.inheritune.gpt import GPT
 
 RUN_VERSION = 3
@@ -90,11 +88,13 @@ def lr_at(step: int, s: PretrainSettings, total: int | None = None) -> float:
 
 
 def make_optimizer(model: GPT, s: PretrainSettings) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (dim >= 2), none on LayerNorm gains (nanoGPT)."""
+    """AdamW; weight decay on matrices and embeddings (dim >= 2), none on LayerNorm gains (nanoGPT); the fused
+    implementation on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, fused=False)
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters on a GPU
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, fused=fused)
 
 
 @torch.no_grad()
@@ -162,20 +162,77 @@ def _save_checkpoint(path: str, model: GPT, opt: torch.optim.Optimizer, step: in
     os.replace(tmp, path)
 
 
+def process() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group a launcher started (``torchrun``, ``accelerate launch``: joined
+    by ``pretrain.main``), else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_world(s: PretrainSettings, world: int) -> None:
+    """Refuse a process count that cannot share the recipe's global batch (``batch_size`` x ``grad_accum`` windows)
+    equally, naming the counts that can."""
+    rows = s.batch_size * s.grad_accum
+    if world < 1 or rows % world:
+        raise ValueError(f"{world} processes cannot share a global batch of {rows} windows (batch_size "
+                         f"{s.batch_size} x grad_accum {s.grad_accum}) equally; launch a number of processes that "
+                         f"divides {rows}: {', '.join(str(n) for n in range(1, rows + 1) if rows % n == 0)}")
+
+
+def step_batches(stream: torch.Tensor, step: int, seed: int, s: PretrainSettings, block: int, rank: int = 0,
+                 world: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Process ``rank``'s micro-batches of optimizer step ``step``. The step's global batch is the same on any number
+    of processes: ``s.grad_accum`` micro-batches of ``s.batch_size`` windows (micro-batch j drawn by ``train_batch``
+    with index step x grad_accum + j), their rows in order; process r takes the r-th of ``world`` equal shares, in
+    micro-batches of at most ``s.batch_size`` rows. One process gets exactly the micro-batches ``train_batch`` draws."""
+    check_world(s, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, {world})")
+    share, bs = s.batch_size * s.grad_accum // world, s.batch_size
+    lo, hi = rank * share, (rank + 1) * share
+    xs, ys = [], []
+    for j in range(lo // bs, (hi - 1) // bs + 1):
+        x, y = train_batch(stream, step * s.grad_accum + j, seed, bs, block)
+        keep = slice(max(lo - j * bs, 0), min(hi - j * bs, bs))
+        xs.append(x[keep])
+        ys.append(y[keep])
+    return list(zip(torch.cat(xs).split(bs), torch.cat(ys).split(bs), strict=True))
+
+
+def _evaluate(model: GPT, val: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """``window_losses`` of ``val``; with several processes each scores its share and all receive the whole list."""
+    if world == 1:
+        return window_losses(model, val)
+    shard = val.tensor_split(world)[rank]
+    mine = window_losses(model, shard) if len(shard) else torch.empty(0, dtype=torch.float64)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return torch.cat(parts)
+
+
+def _cached(final) -> Run:
+    saved = json.loads((final / "run.json").read_text())
+    return Run(**{**saved, "curve": [tuple(c) for c in saved["curve"]], "path": str(final)})
+
+
 def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Tensor, s: PretrainSettings,
           seed: int = 0, steps: int | None = None, progress: Callable[[str], None] | None = None,
           data_id: dict | None = None) -> Run:
     """Train ``model`` (already initialised as ``init`` describes) for ``steps`` (default ``s.steps``) with
     the recipe ``s``, or return the cached run. Resumes from the last checkpoint of an interrupted run.
-    ``data_id`` (``{"train": ..., "val": ...}`` digests) spares hashing the streams again for every run."""
+    ``data_id`` (``{"train": ..., "val": ...}`` digests) spares hashing the streams again for every run.
+    Under a launcher (``process``: N processes) it trains with DDP: each process takes its share of every step's
+    global batch (``step_batches``), so the run, its cache key and its data are those of one process up to float
+    rounding; process 0 writes the checkpoints and the result, which the others read after a barrier."""
     steps = s.steps if steps is None else steps
     data_id = data_id or {"train": data_digest(stream), "val": data_digest(val)}
     key = {"shape": model.config.shape(), "settings": asdict(s), "steps": steps, "seed": seed, "init": init,
            **data_id}
     final = cache_dir() / "inheritune" / _digest(key)
     if (final / "COMPLETE").exists():
-        saved = json.loads((final / "run.json").read_text())
-        return Run(**{**saved, "curve": [tuple(c) for c in saved["curve"]], "path": str(final)})
+        return _cached(final)
+    rank, world = process()
     work = final.parent / f"{final.name}.work"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = str(work / "ckpt.pt")
@@ -189,17 +246,20 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         opt.load_state_dict(state["opt"])
         start, curve, seconds = state["step"], [tuple(c) for c in state["curve"]], state["seconds"]
     if start == 0:
-        curve = [(0, float(window_losses(model, val).mean()))]
+        curve = [(0, float(_evaluate(model, val, rank, world).mean()))]
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[local_rank()] if dev.type == "cuda" else None)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16)
-    block = model.config.block_size
+    block, rows = model.config.block_size, s.batch_size * s.grad_accum
     for step in range(start, steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s, steps)
-        for micro in range(s.grad_accum):
-            x, y = train_batch(stream, step * s.grad_accum + micro, seed, s.batch_size, block)
-            with autocast:
-                loss = model(x.to(dev), labels=y.to(dev)).loss / s.grad_accum
+        micro = step_batches(stream, step, seed, s, block, rank, world)
+        for i, (x, y) in enumerate(micro):
+            sync = world == 1 or i == len(micro) - 1  # DDP all-reduces the gradients once, on the last micro-batch
+            with contextlib.nullcontext() if sync else net.no_sync(), autocast:
+                loss = net(x.to(dev), labels=y.to(dev)).loss / (rows / (len(x) * world))  # the global batch's mean
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
@@ -207,15 +267,19 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         seconds += time.perf_counter() - t0
         done = step + 1
         if done % s.eval_interval == 0 or done == steps:
-            last = window_losses(model, val)
+            last = _evaluate(model, val, rank, world)
             curve.append((done, float(last.mean())))
-            if progress:
+            if progress and rank == 0:
                 progress(f"{name}: step {done}/{steps} val {curve[-1][1]:.4f}")
-        if done % s.ckpt_interval == 0 and done < steps:
+        if done % s.ckpt_interval == 0 and done < steps and rank == 0:
             _save_checkpoint(ckpt, model, opt, done, curve, seconds)
-    losses = (window_losses(model, val) if last is None else last).tolist()  # the final step was just evaluated
+    losses = (_evaluate(model, val, rank, world) if last is None else last).tolist()  # the final step was evaluated
+    model.eval()
+    if rank != 0:
+        dist.barrier()  # process 0 publishes the run
+        return _cached(final)
     run = Run(name, model.config.n_layer, steps, curve, losses,
-              tokens_per_s=steps * s.grad_accum * s.batch_size * block / max(seconds, 1e-9), seconds=seconds,
+              tokens_per_s=steps * rows * block / max(seconds, 1e-9), seconds=seconds,
               n_params=model.n_params(), init=init, shape=model.config.shape())
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,8 +290,9 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     shutil.rmtree(work, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
     run.path = str(final)
-    model.eval()
     return run
 
 
@@ -381,118 +446,3 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
     tolerance = max(0.01, 2 * ref.val_se)
     growth = grow(lambda n: inherited("first", n, f"inheritune_{n}L"), ref, half, growth_step, tolerance, max_rounds)
     return Experiment(ref, runs, growth)
-
-
-def _seed_mean(exps: list[Experiment], name: str) -> np.ndarray:
-    """The per-window validation losses of run ``name``, averaged over the experiments' training seeds."""
-    return np.mean([e.runs[name].window_losses for e in exps], axis=0)
-
-
-def record_experiment(key: str, exps: Experiment | list[Experiment]) -> None:
-    """Record ``<key>/inheritune/<variant>/val_loss`` (DESIGN §9) with the paper's values beside them, the
-    evaluation noise, the paired differences the claims and acceptance checks read (S4, S5), and the growth rounds.
-    With several experiments (one per training seed, same validation windows) every loss and difference is the
-    mean over seeds, its interval the paired bootstrap over windows of the seed-averaged per-window losses, and the
-    per-seed values are recorded beside it; curves and growth rounds are the first seed's."""
-    exps = [exps] if isinstance(exps, Experiment) else list(exps)
-    exp = exps[0]
-    current().run["models"][key] = f"self-trained:inheritune/{os.path.basename(exp.reference.path)}"
-    current().run.setdefault("dtypes", {})[key] = "float32"  # fp32 weights evaluated without autocast (window_losses)
-    current().save()
-    seeds = f"; mean over {len(exps)} training seeds" if len(exps) > 1 else ""
-    window_note = f"{len(exp.reference.window_losses)} fixed validation windows; nats per token{seeds}"
-    for name, run in exp.runs.items():
-        value, ref = paper.VAL_LOSS.get(name, (None, None))
-        losses = _seed_mean(exps, name)
-        record(f"{key}/inheritune/{name}/val_loss", float(losses.mean()), paper=value,
-               paper_ref=ref and f"Inheritune {ref}", ci95=intervals.mean(losses)["ci95"],
-               note=f"{run.n_layer} layers, {run.steps} steps, {run.n_params:,} parameters; {window_note}; 95% "
-                    "bootstrap over the windows")
-        if len(exps) > 1:
-            record(f"{key}/inheritune/{name}/val_loss_seeds", [e.runs[name].val_loss for e in exps],
-                   note="one value per training seed")
-        record(f"{key}/inheritune/{name}/curve", [list(c) for c in run.curve], note="[step, validation loss]")
-        record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation",
-               volatile=True)
-    record(f"{key}/inheritune/eval_se", exp.reference.val_se, note="standard error of the reference's validation loss")
-    for a, b in (("inherit_first", "random"), ("inherit_first", "reference"), ("inherit_first", "random_2x"),
-                 ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first"),
-                 ("random", "reference")):
-        if a in exp.runs and b in exp.runs:
-            diff = intervals.paired_difference(_seed_mean(exps, a), _seed_mean(exps, b))
-            record(f"{key}/inheritune/diff/{a}-{b}", diff["value"], ci95=diff["ci95"],
-                   note=f"validation loss {a} - {b}, nats per token{seeds}; 95% paired bootstrap over {diff['n']} "
-                        "windows" + (" (the seeds' own spread is not in it: see /seeds)" if seeds else ""))
-            if len(exps) > 1:
-                record(f"{key}/inheritune/diff/{a}-{b}/seeds", [e.runs[a].val_loss - e.runs[b].val_loss for e in exps],
-                       note="one difference per training seed")
-    g = exp.growth
-    record(f"{key}/inheritune/growth/layers", [r.n_layer for r in g.rounds], note="target depth of each round")
-    record(f"{key}/inheritune/growth/val_loss", [r.val_loss for r in g.rounds],
-           paper=paper.GROWTH_VAL_LOSS, paper_ref=paper.GROWTH_VAL_LOSS_REF)
-    record(f"{key}/inheritune/growth/matched", g.matched,
-           note=f"last round within tolerance {g.tolerance:.4f} = max(0.01, 2 x eval se) of the reference (D9)")
-
-
-def _over(d: float, se: float) -> float | None:
-    """``d`` in units of its standard error (None when the error is 0: identical windows)."""
-    return d / se if se > 0 else None
-
-
-def _curve_at(run: Run, step: int) -> float:
-    """The validation loss logged closest to ``step``."""
-    return min(run.curve, key=lambda c: abs(c[0] - step))[1]
-
-
-def acceptance(exp: Experiment, ref_stats, target_stats) -> dict[str, float | bool | None]:
-    """Research inheritune.md §5.2 on one experiment: S1-S3 on the reference's attention (``ref_stats``), S4
-    and S5 on the validation losses (paired over the fixed windows; "noise" = the paired s.e.), S6 on the
-    Inheritune model's attention (``target_stats``). Values are reported; only S4a is a pass criterion on CPU."""
-    rank, mass = ref_stats.max_rank(), ref_stats.avg_mass()
-    n = len(rank)
-    last_third, first_half = slice(n - max(1, n // 3), None), slice(0, max(1, n // 2))
-    out: dict[str, float | bool | None] = {
-        "s1_maxrank_last_third_over_first_half": float(rank[last_third].mean() / rank[first_half].mean()),
-        "s2_avgmass_last_third": float(mass[last_third].mean()),
-        "s2_avgmass_first3_over_last_third": float(mass[:3].mean() / mass[last_third].mean()),
-        "s3_lazy_layers": len(ref_stats.lazy_layers())}
-    v, tol = exp.runs, exp.growth.tolerance
-    first, rnd = v.get("inherit_first"), v.get("random")
-    if first and rnd:
-        d, se = paired_difference(first, rnd)
-        out.update({"s4a_first_minus_random": d, "s4a_noise_se": se, "s4a_over_se": _over(d, se),
-                    "s4a_first_beats_random": d < -3 * se})
-    if first:
-        out["s4b_first_within_tol_of_reference"] = first.val_loss <= exp.reference.val_loss + tol
-        out["s4b_after_growth"] = exp.growth.matched
-    if first and "random_2x" in v:
-        out["s4c_first_within_tol_of_random_2x"] = first.val_loss <= v["random_2x"].val_loss + tol
-    if first and rnd and "inherit_last" in v:
-        last_run = v["inherit_last"]
-        d, se = paired_difference(last_run, rnd)
-        early = max(1, exp.reference.steps // 10)
-        out.update({"s5_last_minus_random": d, "s5_over_se": _over(d, se), "s5_last_within_noise_of_random": abs(d) <= 3 * se,
-                    "s5_last_minus_first": paired_difference(last_run, first)[0],
-                    "s5_early_last_minus_random": _curve_at(last_run, early) - _curve_at(rnd, early),
-                    "s5_early_first_minus_random": _curve_at(first, early) - _curve_at(rnd, early)})
-    out["s6_lazy_share_reference"] = len(ref_stats.lazy_layers()) / n
-    out["s6_lazy_share_inheritune"] = len(target_stats.lazy_layers()) / len(target_stats.max_rank())
-    return out
-
-
-def record_acceptance(key: str, checks: dict[str, float | bool | None]) -> None:
-    """``<key>/inheritune/check/<name>`` for each reading of ``acceptance`` (research inheritune.md §5.2)."""
-    for name, value in checks.items():
-        record(f"{key}/inheritune/check/{name}", value, paper_ref="research inheritune.md §5.2")
-
-
-def runs_frame(exp: Experiment):
-    """One row per run (the variants, then the growth rounds): depth, steps, validation loss and its s.e.,
-    parameters, training throughput and seconds."""
-    import pandas as pd
-
-    runs = {**exp.runs, **{f"round {r.n_layer}L": r for r in exp.growth.rounds}}
-    return pd.DataFrame({name: {"layers": r.n_layer, "steps": r.steps, "val loss": round(r.val_loss, 4),
-                                "± s.e.": round(r.val_se, 4), "params": f"{r.n_params:,}",
-                                "tokens/s": round(r.tokens_per_s), "train s": round(r.seconds)}
-                         for name, r in runs.items()}).T

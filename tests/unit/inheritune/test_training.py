@@ -1,10 +1,9 @@
-"""``common.inheritune.training.record_acceptance`` and the paper module it reads.
-
-Inheritune's compact GPT (``common.inheritune.gpt``) and trainer / inheritance / growth (``common.inheritune.training``): attention
-implementations and the inverse-layer logit scaling, tied embeddings and init, the LR schedule, the optimizer's
-decay groups, deterministic batches and validation windows, training (learns, caches, resumes bit-identically),
-``inherit`` / ``grow`` / ``paired_difference``, the end-to-end experiment with its manifest records and
-acceptance readings, and ``data.token_stream``. Tiny models on CPU; nothing is written into the repo."""
+"""Inheritune's compact GPT (``common.inheritune.gpt``), the paper values notebook 04 reads, and the trainer /
+inheritance / growth (``common.inheritune.training``): attention implementations and the inverse-layer logit
+scaling, tied embeddings and init, the LR schedule, the optimizer's decay groups, deterministic batches (one
+process or a share of them) and validation windows, training (learns, caches, resumes bit-identically),
+``inherit`` / ``grow`` / ``paired_difference``, the end-to-end experiment with its manifest records and acceptance
+readings, and ``data.token_stream``. Tiny models on CPU; nothing is written into the repo."""
 
 from __future__ import annotations
 
@@ -17,23 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.core import arch, data, evaluation, intervals, manifest, profiles
+from common.core import arch, data, evaluation, manifest, profiles
 from common.core.profiles import GPTConfig, PretrainSettings
-from common.inheritune import paper, training
-from common.inheritune.attention import AttentionStats, capture_attention
+from common.inheritune import paper, results, training
+from common.inheritune.attention import capture_attention
 from common.inheritune.gpt import GPT
-from common.inheritune.training import Experiment, Growth, Run
+from common.inheritune.training import Run
 from common.reporting import session
-
-
-def test_record_acceptance_records_every_check(records) -> None:
-    """One key per reading, in order, values as given (bools, floats, None)."""
-    checks = {"s1_maxrank_last_third_over_first_half": 0.5, "s4a_first_beats_random": True, "s4a_over_se": None}
-    training.record_acceptance("gpt-byte", checks)
-    recorded = list(records().values())
-    assert [r["key"] for r in recorded] == [f"gpt-byte/inheritune/check/{k}" for k in checks]
-    assert [r["value"] for r in recorded] == list(checks.values())
-    assert {r["paper_ref"] for r in recorded} == {"research inheritune.md §5.2"}
 
 
 def test_paper_values_are_the_papers() -> None:
@@ -323,6 +312,35 @@ def test_train_batch_is_deterministic_per_seed_and_step() -> None:
     assert int(x.min()) >= 0 and int(y.max()) <= 499
     with pytest.raises(ValueError, match="shorter"):
         training.train_batch(torch.arange(16), 0, 0, 2, 16)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+def test_step_batches_share_one_global_batch_over_any_process_count(world: int) -> None:
+    """batch_size 3 x grad_accum 4 = 12 windows a step: the processes' shares, joined in rank order, are the rows
+    one process draws (train_batch with indices step x 4 + j), in micro-batches of at most 3 rows; 3 processes take
+    4 rows each, across micro-batch boundaries; another step or seed draws other rows."""
+    stream, s, block = torch.arange(500) % 251, _settings(batch_size=3, grad_accum=4), 8
+    one = [training.train_batch(stream, 7 * 4 + j, 5, 3, block) for j in range(4)]
+    assert [(x.tolist(), y.tolist()) for x, y in training.step_batches(stream, 7, 5, s, block)] == \
+        [(x.tolist(), y.tolist()) for x, y in one]
+    shares = [training.step_batches(stream, 7, 5, s, block, rank, world) for rank in range(world)]
+    assert all(len(x) <= 3 and sum(len(b[0]) for b in share) == 12 // world for share in shares for x, _ in share)
+    joined = torch.cat([x for share in shares for x, _ in share])
+    assert torch.equal(joined, torch.cat([x for x, _ in one]))
+    assert torch.equal(torch.cat([y for share in shares for _, y in share]), torch.cat([y for _, y in one]))
+    assert torch.equal(joined[:, 1:], torch.cat([y for share in shares for _, y in share])[:, :-1])
+    assert not torch.equal(torch.cat([x for x, _ in training.step_batches(stream, 8, 5, s, block)]), joined)
+
+
+def test_check_world_refuses_a_process_count_that_cannot_share_the_batch() -> None:
+    """12 windows a step cannot be shared by 5 processes: the error names the counts that can; a bad rank too."""
+    s = _settings(batch_size=3, grad_accum=4)
+    for world in (1, 2, 3, 4, 6, 12):
+        training.check_world(s, world)
+    with pytest.raises(ValueError, match=r"5 processes .* divides 12: 1, 2, 3, 4, 6, 12"):
+        training.check_world(s, 5)
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, 2\)"):
+        training.step_batches(torch.arange(100), 0, 0, s, 4, rank=2, world=2)
 
 
 def test_train_batch_can_draw_every_window_including_the_last() -> None:
@@ -657,53 +675,6 @@ def test_paired_difference_keeps_float64_precision() -> None:
 # ------------------------------------------------------------------------------------------- acceptance
 
 
-def _stats(rank: list[list[float]], mass: list[list[float]]) -> AttentionStats:
-    """Planted per-(layer, head) rank and mass for one sequence."""
-    return AttentionStats({"rank": torch.tensor([rank]), "mass": torch.tensor([mass])}, torch.zeros(1), 0.9, 0.9, 8)
-
-
-def test_acceptance_reads_planted_runs_and_stats() -> None:
-    """Every reading on planted inputs, by hand: MaxRank [10, 8, 6, 4, 1, 1] (max over heads) -> last third
-    / first half = 1 / 8, lazy layers 4, 5; AvgMass [20, 16, 12, 6, 2, 2] -> last third 2, first three / last
-    third 8; first - random = -0.375 with se sqrt(0.0625 / 3) / 2 = 0.0722 (-3 sqrt 3 se: beats random); last -
-    random = 0.125 (sqrt 3 se: within noise); the early curve point closest to
-    steps // 10 = 4 is step 3 (not 8). A random run equal to inherit_first up to +-0.01 does not count as beaten."""
-    ref_stats = _stats([[10, 2], [8, 3], [6, 6], [1, 4], [1, 1], [1, 1]],
-                       [[20, 20], [10, 22], [12, 12], [6, 6], [2, 2], [3, 1]])
-    tgt_stats = _stats([[5, 1], [1, 1], [3, 2]], [[1, 1], [1, 1], [1, 1]])
-    ref = _run("reference", 6, [2.0] * 4, steps=40)
-    first = _run("inherit_first", 3, [2.0, 2.25, 2.0, 2.25], curve=[(0, 3.0), (3, 2.9), (8, 2.5), (40, 2.1)])
-    rnd = _run("random", 3, [2.5] * 4, curve=[(0, 5.5), (3, 4.5), (8, 3.5), (40, 2.5)])
-    last = _run("inherit_last", 3, [2.5, 2.75, 2.5, 2.75], curve=[(0, 5.5), (3, 4.0), (8, 3.9), (40, 2.5)])
-    rnd2 = _run("random_2x", 3, [2.1] * 4, steps=80)
-    exp = Experiment(ref, {"inherit_first": first, "random": rnd, "inherit_last": last, "random_2x": rnd2},
-                     Growth([first], tolerance=0.05, matched=True))
-    out = training.acceptance(exp, ref_stats, tgt_stats)
-    assert out["s1_maxrank_last_third_over_first_half"] == pytest.approx(1 / 8)
-    assert out["s2_avgmass_last_third"] == pytest.approx(2.0)
-    assert out["s2_avgmass_first3_over_last_third"] == pytest.approx(8.0)
-    assert out["s3_lazy_layers"] == 2
-    assert out["s4a_first_minus_random"] == pytest.approx(-0.375)
-    assert out["s4a_noise_se"] == pytest.approx(math.sqrt(0.0625 / 3) / 2)
-    assert out["s4a_over_se"] == pytest.approx(-3 * math.sqrt(3))
-    assert out["s4a_first_beats_random"] is True
-    assert out["s4b_first_within_tol_of_reference"] is False  # 2.125 > 2.0 + 0.05
-    assert out["s4b_after_growth"] is True
-    assert out["s4c_first_within_tol_of_random_2x"] is True  # 2.125 <= 2.1 + 0.05
-    assert out["s5_last_minus_random"] == pytest.approx(0.125)  # same se as s4a: 0.125 = sqrt(3) se
-    assert out["s5_over_se"] == pytest.approx(math.sqrt(3)) and out["s5_last_within_noise_of_random"] is True
-    assert out["s5_last_minus_first"] == pytest.approx(0.5)
-    assert out["s5_early_last_minus_random"] == pytest.approx(-0.5)
-    assert out["s5_early_first_minus_random"] == pytest.approx(-1.6)
-    assert out["s6_lazy_share_reference"] == pytest.approx(2 / 6)
-    assert out["s6_lazy_share_inheritune"] == pytest.approx(1 / 3)
-
-    close = _run("random", 3, [2.01, 2.24, 2.01, 2.24])
-    exp.variants["random"] = close
-    out = training.acceptance(exp, ref_stats, tgt_stats)
-    assert out["s4a_first_beats_random"] is False
-
-
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -746,7 +717,7 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     monkeypatch.setattr(session, "REPO_ROOT", tmp_path)
     with matplotlib.rc_context():
         session.setup("04_attention_degeneration_inheritune", "smoke", 0)
-    training.record_experiment("gpt-byte", exp)
+    results.record_experiment("gpt-byte", exp)
     records = {r["key"]: r for r in manifest.current().records}
     paper = {"reference": 2.81, "inherit_first": 2.87, "inherit_last": None, "random": None, "random_2x": None}
     for name, value in paper.items():
@@ -765,7 +736,7 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     ids = val[:2, :-1]
     ref_stats, tgt_stats = capture_attention(reference, [ids]), capture_attention(target, [ids])
     assert ref_stats.max_rank().shape == (4,) and tgt_stats.max_rank().shape == (2,)
-    out = training.acceptance(exp, ref_stats, tgt_stats)
+    out = results.acceptance(exp, ref_stats, tgt_stats)
     rank = ref_stats.max_rank()
     assert out["s1_maxrank_last_third_over_first_half"] == pytest.approx(float(rank[3] / rank[:2].mean()))
     assert out["s3_lazy_layers"] == len(ref_stats.lazy_layers())
@@ -773,18 +744,6 @@ def test_experiment_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert out["s4b_first_within_tol_of_reference"] == (exp.variants["inherit_first"].val_loss
                                                        <= ref.val_loss + g.tolerance)
     assert out["s6_lazy_share_inheritune"] == len(tgt_stats.lazy_layers()) / 2
-
-
-def test_runs_frame_lists_variants_then_rounds() -> None:
-    """One row per variant and per growth round, with the run's own depth, steps and mean validation loss."""
-    ref = _run("reference", 4, [2.0, 2.2])
-    first = _run("inherit_first", 2, [2.4, 2.6])
-    grown = _run("inheritune_3L", 3, [2.1, 2.1])
-    exp = Experiment(ref, {"inherit_first": first}, Growth([first, grown], 0.01, True))
-    frame = training.runs_frame(exp)
-    assert list(frame.index) == ["reference", "inherit_first", "round 2L", "round 3L"]
-    assert frame.loc["reference", "val loss"] == 2.1 and frame.loc["round 3L", "layers"] == 3
-    assert frame.loc["inherit_first", "steps"] == 20
 
 
 def test_write_token_file_streams_uint16_and_is_atomic(tmp_path) -> None:
@@ -822,44 +781,3 @@ def test_val_curves_figure_has_every_run_and_round() -> None:
     assert [len(ax.lines) for ax in fig.axes] == [3, 3]
     assert fig.axes[1].get_xlim()[0] == pytest.approx(4.0)
 
-
-def test_record_experiment_records_paired_bootstrap_differences(records) -> None:
-    """Every diff key, random - reference included, is the mean per-window difference with its paired bootstrap
-    over the windows: a fresh half model 0.1 worse on every window (plus noise) excludes 0, an inherited one that
-    equals the reference up to noise holds it; val_loss intervals come from the same engine."""
-    noise = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
-    base = 3.0 + torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = _run("reference", 4, base.tolist())
-    rnd = _run("random", 2, (base + 0.1 + noise[0]).tolist())
-    first = _run("inherit_first", 2, (base + noise[1]).tolist())
-    training.record_experiment("gpt-byte", Experiment(ref, {"inherit_first": first, "random": rnd},
-                                                      Growth([first], 0.01, True)))
-    rec = records()
-    worse = rec["gpt-byte/inheritune/diff/random-reference"]
-    assert worse["value"] == pytest.approx(float((0.1 + noise[0]).mean()), rel=1e-9)
-    assert 0.09 < worse["ci95"][0] < worse["ci95"][1] < 0.11 and "64 windows" in worse["note"]
-    same = rec["gpt-byte/inheritune/diff/inherit_first-reference"]["ci95"]
-    assert same[0] < 0.0 < same[1]
-    assert rec["gpt-byte/inheritune/reference/val_loss"]["ci95"] == intervals.mean(ref.window_losses)["ci95"]
-
-
-def test_record_experiment_averages_training_seeds(records) -> None:
-    """Two seeds: every loss and difference is the mean over seeds (each seed's recorded beside it); the interval
-    resamples windows of the seed-averaged losses, so a difference that flips sign between seeds averages out."""
-    base = 3.0 + torch.rand(32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    exps = []
-    for shift in (0.2, -0.2):
-        ref = _run("reference", 4, base.tolist())
-        rnd = _run("random", 2, (base + shift).tolist())
-        exps.append(Experiment(ref, {"random": rnd}, Growth([rnd], 0.01, True)))
-    training.record_experiment("gpt-byte", exps)
-    rec = records()
-    diff = rec["gpt-byte/inheritune/diff/random-reference"]
-    assert diff["value"] == pytest.approx(0.0, abs=1e-12) and diff["ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
-    assert rec["gpt-byte/inheritune/diff/random-reference/seeds"]["value"] == pytest.approx([0.2, -0.2])
-    assert "mean over 2 training seeds" in diff["note"]
-    assert rec["gpt-byte/inheritune/random/val_loss_seeds"]["value"] == pytest.approx(
-        [float(base.mean()) + 0.2, float(base.mean()) - 0.2])
-    # one experiment: no per-seed records
-    training.record_experiment("one", exps[0])
-    assert "one/inheritune/diff/random-reference/seeds" not in records()
