@@ -18,7 +18,7 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 
-.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan gpu-check wheelhouse clean
+.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid gpu-check wheelhouse clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -76,8 +76,18 @@ wheelhouse: setup  ## networked machine: the wheels gpu-check needs on an offlin
 	    -d $(WHEELHOUSE) $$req 2>/dev/null || $(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $$req || exit 1; done
 	@du -sh $(WHEELHOUSE)
 
-plan: setup  ## the memory and disk plan of every notebook of PROFILE (make plan PROFILE=paper); WRITE=1 regenerates docs/GPU.md (paper)
-	$(PY) -m common.core.plan --profile $(PROFILE) $(if $(WRITE),--write,)
+plan: setup  ## memory, disk and time plan of every notebook of PROFILE (make plan PROFILE=paper GPU=h100 GPUS=8); WRITE=1 regenerates docs/GPU.md and the README's table
+	$(PY) -m common.core.plan --profile $(PROFILE) $(if $(GPU),--gpu $(GPU),) $(if $(GPUS),--gpus $(GPUS),) $(if $(WRITE),--write,)
+
+# The paper profile's long runs (docs/MULTI_GPU.md): each prints the planner's estimate, runs on GPUS processes
+# (default: every visible GPU), resumes where a killed launch stopped, and fills the cache the notebook reads.
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0 ? $$1 : 1)}')
+pretrain-inheritune: setup  ## long run: notebook 04's GPT pre-training under torchrun on GPUS GPUs, then `make reproduce NB=04`
+	TQDM_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m common.inheritune.pretrain --profile $(PROFILE)
+
+macdrop-grid: setup  ## long run: notebook 03's Table 5 / Fig. 6 grid under accelerate launch on GPUS GPUs, then `make reproduce NB=03 PARAMS='FULL_GRID=True'`
+	TQDM_DISABLE=1 $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter 1,$(GPUS)),,--multi_gpu) \
+	  -m common.hoc.finetune --profile $(PROFILE) --grid
 
 test: setup  ## install what the tests need, then unit (device tier included) + notebooks (smoke, nbval) + real-model + claims tests + the shrunk paper dry run and gpu-check
 	$(PY) -m common.core.prepare smollm2-135m

@@ -199,6 +199,9 @@ class InherituneConfig(CorpusConfig):
     # steps_margin nats (95% interval, selection windows; inheritune.steps.choose_steps); () keeps train.steps
     steps_schedule: tuple[int, ...] = ()
     steps_margin: float = 0.02
+    # issue 21: False leaves the training to `python -m common.inheritune.pretrain` (the paper profile's long run,
+    # on N GPUs): the notebook then reads the runs from the cache, or skips its training sections until they are there
+    train_in_notebook: bool = True
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,7 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             corpus="alpaca-gpt4", n_train=None, n_val=2600,
             settings=_PAPER_TRAIN,
             tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande"), n_items=None, batch_size=8,
-            full_grid=True, grid_model="llama-3-8b",
+            full_grid=False, grid_model="llama-3-8b",  # the grids are a long run of their own (make macdrop-grid)
             grid_settings=_PAPER_TRAIN,
             grid_tasks=("arc_easy", "arc_challenge", "boolq", "piqa", "winogrande")),
         # Inheritune §2 / App. F.2: the OpenAI GPT-2 checkpoints (not the paper's self-trained models) on
@@ -375,7 +378,7 @@ PROFILES: dict[str, dict[str, NotebookConfig]] = {
             reference=GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
             train=PretrainSettings(steps=100_000, batch_size=12, grad_accum=32, lr=3e-4, min_lr_ratio=1e-5 / 3e-4,
                                    warmup=2000, eval_interval=1000, ckpt_interval=1000, n_val=400, bf16=True),
-            max_rounds=3, n_analysis=100),
+            max_rounds=3, n_analysis=100, train_in_notebook=False),
         # SFSD §2: LLaMA-7B (LLaMA-1) and Mistral-7B, 512 x 128 calibration tokens, the six commonsense
         # tasks, tolerance 1.005 / module, the full linear scan, the task search over every layer from 4.
         # WikiText-2 at seq 128 is the paper's perplexity; calibration reads WikiText-2's train split
@@ -411,13 +414,15 @@ DRY_RUNS: dict[str, dict[str, dict]] = {"paper": {
     "01_massive_activation_origin": dict(n_windows=2),
     "02_massive_weight_ablation": dict(n_windows=2, tasks=_DRY_TASKS, n_items=20, seeds=(0,), k_grid=(0, 5, 50),
                                        sweep_tasks=("arc_easy",), sweep_n_items=10),
+    # 03's grids and 04's pre-training are the paper's long runs (commands of their own); the dry run runs both in
+    # the notebook, at paper shape
     "03_macdrop_finetuning": dict(
         corpus="wiki", n_train=64, n_val=16, tasks=_DRY_TASKS, n_items=20,
         settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN),
         grid_settings=replace(_PAPER_TRAIN, grad_accum=2, **_DRY_TRAIN), grid_tasks=("arc_easy",),
-        grid_kinds=("step", "exp"), grid_p0s=(0.8,), scope_ps=(0.5,)),
+        grid_kinds=("step", "exp"), grid_p0s=(0.8,), scope_ps=(0.5,), full_grid=True),
     "04_attention_degeneration_inheritune": dict(
-        n_windows=20, n_analysis=20, max_rounds=1,
+        n_windows=20, n_analysis=20, max_rounds=1, train_in_notebook=True,
         train=PretrainSettings(steps=20, batch_size=12, grad_accum=2, lr=3e-4, warmup=5, eval_interval=10,
                                ckpt_interval=10, n_val=16, bf16=True)),
     "05_lowrank_decomposition": dict(

@@ -26,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from common import __version__
-from common.core import arch, gpu, models
+from common.core import arch, gpu, models, timeplan
 from common.core.data import collate, instruction_pairs, pad_id, tokenize_pairs
 from common.core.env import cache_dir, seed_everything, write_json_atomic
 from common.core.gpu import device, world_size
@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(NOTEBOOK, args.profile, args.notebook_seed)
     runs, arms, settings = _selected(cfg, args)
     world = world_size()
+    if args.grid:
+        say(timeplan.estimate(timeplan.grid_jobs(cfg, models.shapes([cfg.grid_model])[cfg.grid_model])[0], n_gpus=world))
     settings = _per_process(settings, world, args.grad_accum)
     say(f"{NOTEBOOK} | profile={cfg.profile} | {world} process(es) x batch {settings.batch_size} x grad_accum "
         f"{settings.grad_accum} = effective batch {world * settings.batch_size * settings.grad_accum} | "

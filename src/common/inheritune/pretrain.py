@@ -15,11 +15,12 @@ from dataclasses import replace
 
 import torch
 
-from common.core import data
+from common.core import data, timeplan
 from common.core.env import cache_dir
 from common.core.gpu import device
-from common.core.profiles import PROFILE_NAMES, InherituneConfig, load_config
+from common.core.profiles import PROFILE_NAMES, InherituneConfig, PretrainSettings, load_config
 from common.inheritune import steps, training
+from common.inheritune.training import Experiment
 
 NOTEBOOK = "04_attention_degeneration_inheritune"
 
@@ -35,6 +36,32 @@ def inputs(cfg: InherituneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     stream = data.token_stream(cfg.train_corpus, "train", cfg.tokenizer)
     heldout = data.token_stream(cfg.train_corpus, "heldout", cfg.tokenizer)
     return stream, heldout, training.val_windows(heldout, cfg.train.n_val, cfg.reference.block_size)
+
+
+def experiments(cfg: InherituneConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
+                seeds: list[int] | None = None, progress=None) -> list[Experiment] | None:
+    """Notebook 04's experiments (``training.run_experiment``), one per training seed (default the notebook's: SEED
+    ... SEED + n_seeds - 1), trained here or read from the cache. Where the profile leaves the training to this
+    module's command (``train_in_notebook`` False: the paper's weeks-long recipe), only cached runs are read: None,
+    with the command to run and the planner's estimate printed, while one is missing."""
+    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds)) if seeds is None else seeds
+
+    def run() -> list[Experiment]:
+        return [training.run_experiment(cfg.reference, s, stream, val, seed, cfg.growth_step, cfg.max_rounds,
+                                        progress=progress) for seed in seeds]
+
+    if cfg.train_in_notebook:
+        return run()
+    try:
+        with training.cache_only():
+            return run()
+    except training.NotCached as missing:
+        job = timeplan.pretraining(cfg)
+        print(f"{missing}.\nThe {cfg.profile} profile trains these GPTs outside the notebook (a long run): "
+              f"`{job.launch.replace(' N ', ' <GPUs> ')}` (or `make pretrain-inheritune`), then run this notebook "
+              f"again; until then the sections on the self-trained GPTs are skipped.\n{timeplan.estimate(job)}; on 8 "
+              f"H100s about {job.hours('h100', 8):,.0f} h.")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(NOTEBOOK, args.profile, args.notebook_seed)
     s, world = cfg.train, training.process()[1]
     training.check_world(s, world)  # before hours of tokenising
+    say(timeplan.estimate(timeplan.pretraining(cfg), n_gpus=world))
     with state.main_process_first():  # the first process tokenises and caches the corpus; the others read it
         stream, heldout, val = inputs(cfg)
     say(f"{NOTEBOOK} | profile={cfg.profile} | {world} process(es); global batch {s.batch_size * s.grad_accum} x "
@@ -66,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                                     cfg.seed, progress=say)
         s = replace(s, steps=choice.steps)
         say(f"S = {choice.steps} (separated: {choice.separated})")
-    for seed in args.seeds if args.seeds is not None else range(cfg.seed, cfg.seed + cfg.n_seeds):
-        exp = training.run_experiment(cfg.reference, s, stream, val, seed, cfg.growth_step, cfg.max_rounds,
-                                      progress=say)
+    run = replace(cfg, train_in_notebook=True)  # this command is where the training happens
+    for seed, exp in zip(args.seeds or range(cfg.seed, cfg.seed + cfg.n_seeds),
+                         experiments(run, s, stream, val, args.seeds, progress=say), strict=True):
         say(f"seed {seed}: " + ", ".join(f"{n} {r.val_loss:.4f}" for n, r in exp.runs.items())
             + f"; growth {[r.n_layer for r in exp.growth.rounds]} matched={exp.growth.matched}")
 

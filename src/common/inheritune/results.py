@@ -45,6 +45,9 @@ def record_experiment(key: str, exps: Experiment | list[Experiment]) -> None:
         record(f"{key}/inheritune/{name}/curve", [list(c) for c in run.curve], note="[step, validation loss]")
         record(f"{key}/inheritune/{name}/tokens_per_s", run.tokens_per_s, note="training throughput, no evaluation",
                volatile=True)
+        record(f"{key}/inheritune/{name}/mfu", run.mfu, volatile=True,
+               note="model FLOPs utilisation of a training step (PaLM's count over the GPUs' dense bf16 peak; "
+                    "median step, the first left out); null on CPU or a GPU of unknown peak")
     record(f"{key}/inheritune/eval_se", exp.reference.val_se, note="standard error of the reference's validation loss")
     for a, b in (("inherit_first", "random"), ("inherit_first", "reference"), ("inherit_first", "random_2x"),
                  ("inherit_last", "random"), ("inherit_last", "inherit_first"), ("inherit_middle", "inherit_first"),
@@ -119,11 +122,12 @@ def record_acceptance(key: str, checks: dict[str, float | bool | None]) -> None:
 
 def runs_frame(exp: Experiment):
     """One row per run (the variants, then the growth rounds): depth, steps, validation loss and its s.e.,
-    parameters, training throughput and seconds."""
+    parameters, training throughput, MFU (GPU) and seconds."""
     import pandas as pd
 
     runs = {**exp.runs, **{f"round {r.n_layer}L": r for r in exp.growth.rounds}}
     return pd.DataFrame({name: {"layers": r.n_layer, "steps": r.steps, "val loss": round(r.val_loss, 4),
                                 "± s.e.": round(r.val_se, 4), "params": f"{r.n_params:,}",
-                                "tokens/s": round(r.tokens_per_s), "train s": round(r.seconds)}
+                                "tokens/s": round(r.tokens_per_s),
+                                "MFU": "n/a" if r.mfu is None else f"{r.mfu:.0%}", "train s": round(r.seconds)}
                          for name, r in runs.items()}).T

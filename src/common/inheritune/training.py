@@ -16,11 +16,13 @@ inherit its first layers, grown by +2 layers per round until they match it; and 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,8 +32,9 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
 from common import __version__
+from common.core import profiling, timeplan
 from common.core.env import cache_dir, write_json_atomic
-from common.core.gpu import device, local_rank
+from common.core.gpu import Shape, device, local_rank
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune.gpt import GPT
 
@@ -132,6 +135,8 @@ class Run:
     init: dict
     path: str = ""
     shape: dict = field(default_factory=dict)  # GPTConfig.shape() of the trained model
+    step_s: float | None = None  # median seconds of an optimizer step, the first of a launch (compilation) left out
+    mfu: float | None = None  # model FLOPs of a step / (step_s x the processes' dense bf16 peak); None on CPU
 
     @property
     def val_loss(self) -> float:
@@ -148,6 +153,24 @@ class Run:
         model = GPT(GPTConfig(**self.shape))
         load_model(model, os.path.join(self.path, "model.safetensors"))
         return model.to(device()).eval()
+
+
+class NotCached(RuntimeError):
+    """Raised by ``train`` under ``cache_only`` for a run that is not in the cache."""
+
+
+_CACHE_ONLY = contextvars.ContextVar("inheritune_cache_only", default=False)
+
+
+@contextlib.contextmanager
+def cache_only():
+    """Within this context ``train`` returns cached runs and raises ``NotCached`` instead of training (notebook 04
+    on a profile whose long runs belong to ``python -m common.inheritune.pretrain``)."""
+    token = _CACHE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
 
 
 def _digest(key: dict) -> str:
@@ -211,6 +234,14 @@ def _evaluate(model: GPT, val: torch.Tensor, rank: int, world: int) -> torch.Ten
     return torch.cat(parts)
 
 
+def compiled(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """``torch.compile`` of the training module on a GPU (``REPRO_COMPILE=0`` turns it off); unchanged on CPU,
+    where compiling a small model costs more than it saves and the runs stay bit-reproducible."""
+    if dev.type != "cuda" or os.environ.get("REPRO_COMPILE", "1") == "0":
+        return net
+    return torch.compile(net)
+
+
 def _cached(final) -> Run:
     saved = json.loads((final / "run.json").read_text())
     return Run(**{**saved, "curve": [tuple(c) for c in saved["curve"]], "path": str(final)})
@@ -232,6 +263,9 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     final = cache_dir() / "inheritune" / _digest(key)
     if (final / "COMPLETE").exists():
         return _cached(final)
+    if _CACHE_ONLY.get():
+        raise NotCached(f"run {name!r} ({model.config.n_layer} layers, {steps} steps, seed {seed}) is not in the cache "
+                        f"{final.parent}")
     rank, world = process()
     work = final.parent / f"{final.name}.work"
     work.mkdir(parents=True, exist_ok=True)
@@ -247,10 +281,12 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         start, curve, seconds = state["step"], [tuple(c) for c in state["curve"]], state["seconds"]
     if start == 0:
         curve = [(0, float(_evaluate(model, val, rank, world).mean()))]
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank()] if dev.type == "cuda" else None)
+    net = compiled(model, dev)  # compiled, then wrapped (nanoGPT's order)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank()] if dev.type == "cuda" else None)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16)
     block, rows = model.config.block_size, s.batch_size * s.grad_accum
+    times = []
     for step in range(start, steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -264,7 +300,8 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+        seconds += times[-1]
         done = step + 1
         if done % s.eval_interval == 0 or done == steps:
             last = _evaluate(model, val, rank, world)
@@ -278,9 +315,13 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
     if rank != 0:
         dist.barrier()  # process 0 publishes the run
         return _cached(final)
+    step_s = statistics.median(times[1:] or times) if times else None
+    peak = profiling.peak_flops(dev)
+    flops = 3 * timeplan.forward_flops(Shape.from_config(model.config), block) * rows * block  # one step
     run = Run(name, model.config.n_layer, steps, curve, losses,
               tokens_per_s=steps * rows * block / max(seconds, 1e-9), seconds=seconds,
-              n_params=model.n_params(), init=init, shape=model.config.shape())
+              n_params=model.n_params(), init=init, shape=model.config.shape(), step_s=step_s,
+              mfu=flops / (step_s * peak * world) if step_s and peak else None)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -179,10 +179,13 @@ def step_zero_shot(sz: Sizes, cache: Path) -> dict:
 
 
 def step_inheritune(sz: Sizes, cache: Path) -> dict:
-    """Notebook 04: a few optimizer steps of the GPT-2-medium recipe (24 x 1024, 16 heads, context 1024,
-    padded vocabulary, bf16 autocast, fused AdamW where the trainer uses it)."""
+    """Notebook 04: a few optimizer steps of the GPT-2-medium recipe (24 x 1024, 16 heads, context 1024, padded
+    vocabulary, bf16 autocast, fused AdamW and torch.compile on a GPU, SDPA): the measured median step and its
+    MFU (the first step, compilation, left out) next to the time planner's step at its assumed MFU."""
+    from common.core import timeplan
     from common.core.env import random_weights
     from common.core.profiles import PROFILES, GPTConfig, PretrainSettings
+    from common.core.profiling import peak_flops
     from common.inheritune import training
 
     ref = PROFILES["paper"]["04_attention_degeneration_inheritune"].reference
@@ -198,9 +201,11 @@ def step_inheritune(sz: Sizes, cache: Path) -> dict:
     shape = gpu.Shape.from_config(ref)
     planned = (16 * shape.params + gpu.training_activations(shape, batch, ref.block_size, checkpointing=False)
                + gpu.logits(shape, batch * ref.block_size, torch.bfloat16, training=True))
-    flops = 6 * shape.params + 12 * ref.n_layer * ref.n_embd * ref.block_size  # per token, with attention
-    return {"planned": planned, "tokens_per_s": run.tokens_per_s, "mfu": _mfu(flops * run.tokens_per_s),
-            "notebook": "04_attention_degeneration_inheritune"}
+    peak = peak_flops(gpu.device())
+    step_flops = 3 * timeplan.forward_flops(shape, ref.block_size) * batch * ref.block_size
+    return {"planned": planned, "tokens_per_s": run.tokens_per_s, "step_s": run.step_s, "mfu": run.mfu,
+            "planned_step_s": step_flops / (peak * timeplan.MFU["train"]) if peak else None,
+            "planned_mfu": timeplan.MFU["train"], "notebook": "04_attention_degeneration_inheritune"}
 
 
 def step_attention(sz: Sizes, cache: Path) -> dict:

@@ -1,13 +1,15 @@
 """``common.inheritune.pretrain`` (issue 21): notebook 04's runs trained under ``torchrun`` on 2 CPU processes (gloo
 DDP) are the one-process runs: the same cache keys (the notebook finds them), losses equal to float rounding; a
 launch killed mid-run resumes from its last checkpoint; a process count that cannot share the global batch is
-refused before any work; the notebook's inputs."""
+refused before any work; the notebook's inputs; a profile that leaves training to the launcher reads only cached
+runs."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,23 @@ def test_inputs_are_the_notebooks_streams_and_windows() -> None:
     assert torch.equal(val, training.val_windows(heldout, cfg.train.n_val, cfg.reference.block_size))
     assert pretrain.reference_key(cfg) == "gpt-byte"
     assert pretrain.reference_key(load_config(pretrain.NOTEBOOK, "paper")) == "gpt2-medium-ours"
+
+
+def test_where_the_profile_leaves_training_to_the_launcher_only_cached_runs_are_read(tmp_path, monkeypatch,
+                                                                                   capsys) -> None:
+    """``train_in_notebook`` False (the paper profile): with an empty cache ``experiments`` trains nothing, returns
+    None and prints the launch command and the planner's estimate; once the runs are in the cache (trained by the
+    command: the notebook's runs) it returns them, reading only the cache."""
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
+    cfg = load_config(pretrain.NOTEBOOK, "smoke")
+    stream, _, val = pretrain.inputs(cfg)
+    launcher = replace(cfg, train_in_notebook=False)
+    assert pretrain.experiments(launcher, cfg.train, stream, val) is None
+    said = capsys.readouterr().out
+    assert "is not in the cache" in said and "-m common.inheritune.pretrain --profile smoke" in said
+    assert "time plan:" in said and not (tmp_path / "inheritune").exists()
+    trained = pretrain.experiments(cfg, cfg.train, stream, val)
+    monkeypatch.setattr(training, "step_batches", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
+    (read,) = pretrain.experiments(launcher, cfg.train, stream, val)
+    assert {n: r.window_losses for n, r in read.runs.items()} == {n: r.window_losses for n, r in trained[0].runs.items()}
+    assert [r.n_layer for r in read.growth.rounds] == [r.n_layer for r in trained[0].growth.rounds]

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.core import arch, data, evaluation, manifest, profiles
+from common.core import arch, data, evaluation, manifest, profiles, timeplan
+from common.core.gpu import Shape
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune import paper, results, training
 from common.inheritune.attention import capture_attention
@@ -458,6 +459,55 @@ def test_cached_run_equals_the_run_that_produced_it() -> None:
     second = training.train("a", training.random_init(_cfg(), 0)[0], init, stream, val, s)
     assert all(isinstance(c, tuple) for c in first.curve)
     assert second == first
+
+
+def test_a_run_records_its_median_step_and_mfu_against_the_peak(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a known peak (CPU) a run's MFU is None; with REPRO_PEAK_TFLOPS the MFU is one step's model FLOPs (3
+    forward passes of batch x block tokens, timeplan's count) over the median step time (the first, compilation,
+    left out) times the peak; both are in the cached run."""
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
+    stream, cfg, s = _pattern(), _cfg(), _settings(steps=5)
+    val = training.val_windows(stream, 4, cfg.block_size)
+    model, init = training.random_init(cfg, 0)
+    assert training.train("cpu", model, init, stream, val, s).mfu is None
+    monkeypatch.setenv("REPRO_PEAK_TFLOPS", "0.001")
+    model, init = training.random_init(cfg, 1)
+    run = training.train("peak", model, init, stream, val, s, seed=1)
+    flops = 3 * timeplan.forward_flops(Shape.from_config(cfg), cfg.block_size) * s.batch_size * cfg.block_size
+    assert 0 < run.step_s < run.seconds and run.mfu == pytest.approx(flops / (run.step_s * 1e9), rel=1e-12)
+    cached = training.train("peak", *training.random_init(cfg, 1), stream, val, s, seed=1)
+    assert (cached.step_s, cached.mfu) == (run.step_s, run.mfu)
+
+
+def test_compiled_only_on_a_gpu_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the module is returned as is; on a GPU device it goes through torch.compile, unless REPRO_COMPILE=0."""
+    net = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
+    assert training.compiled(net, torch.device("cpu")) is net
+    assert training.compiled(net, torch.device("cuda")) == ("compiled", net)
+    monkeypatch.setenv("REPRO_COMPILE", "0")
+    assert training.compiled(net, torch.device("cuda")) is net
+
+
+def test_cache_only_returns_cached_runs_and_refuses_to_train(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``cache_only`` a run not in the cache raises NotCached (naming it) and leaves nothing behind; the
+    same run trained outside the context is then returned from inside it; the context ends with its block."""
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
+    stream = _pattern()
+    val = training.val_windows(stream, 4, 16)
+
+    def run():
+        model, init = training.random_init(_cfg(), 0)
+        return training.train("probe", model, init, stream, val, _settings())
+
+    with pytest.raises(training.NotCached, match=r"run 'probe' \(2 layers, 6 steps, seed 0\) is not in the cache"):
+        with training.cache_only():
+            run()
+    assert not (tmp_path / "inheritune").exists() or not any((tmp_path / "inheritune").iterdir())
+    trained = run()
+    with training.cache_only():
+        assert run().window_losses == trained.window_losses
+    assert run().path == trained.path
 
 
 def test_interrupted_training_resumes_bit_identically(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
