@@ -18,7 +18,7 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 
-.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid gpu-check wheelhouse clean
+.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid macdrop-score gpu-check wheelhouse clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -84,6 +84,12 @@ plan: setup  ## memory, disk and time plan of every notebook of PROFILE (make pl
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0 ? $$1 : 1)}')
 pretrain-inheritune: setup  ## long run: notebook 04's GPT pre-training under torchrun on GPUS GPUs, then `make reproduce NB=04`
 	TQDM_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m common.inheritune.pretrain --profile $(PROFILE)
+
+macdrop-score: setup  ## notebook 03's scoring of trained adapters, one share per GPU (GRID=1: the grid arms), into the notebook's cache
+	@mkdir -p build; for i in $$(seq 0 $$(($(GPUS) - 1))); do \
+	  CUDA_VISIBLE_DEVICES=$$i TQDM_DISABLE=1 $(PY) -m common.hoc.scoring --profile $(PROFILE) $(if $(GRID),--grid,) \
+	    --shard $$i/$(GPUS) > build/macdrop-score.$$i.log 2>&1 & done; status=0; \
+	  for job in $$(jobs -p); do wait $$job || status=1; done; tail -n 2 build/macdrop-score.*.log; exit $$status
 
 macdrop-grid: setup  ## long run: notebook 03's Table 5 / Fig. 6 grid under accelerate launch on GPUS GPUs, then `make reproduce NB=03 PARAMS='FULL_GRID=True'`
 	TQDM_DISABLE=1 $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter 1,$(GPUS)),,--multi_gpu) \

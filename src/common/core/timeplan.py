@@ -137,7 +137,7 @@ def grid_jobs(cfg, shape: Shape) -> list[Job]:
     return [Job(cfg.notebook, f"Table 5 / Fig. 6 grid ({grid} fine-tunes)", key, grid * one.flops, "finetune", LONG,
                 f"accelerate launch --num_processes N -m common.hoc.finetune --profile {cfg.profile} --grid"),
             Job(cfg.notebook, f"score the grid ({grid} arms)", key, score.flops, "eval", LONG,
-                f"make reproduce PROFILE={cfg.profile} NB=03 PARAMS='FULL_GRID=True'")]
+                f"make macdrop-score PROFILE={cfg.profile} GRID=1 GPUS=N")]
 
 
 def jobs_finetune(cfg, shapes: dict[str, Shape]) -> list[Job]:

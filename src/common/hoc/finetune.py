@@ -136,7 +136,7 @@ def _last_checkpoint(work: Path) -> Path | None:
 
 
 def finetune(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[dict], layer: int | None,
-             channels: list[int]) -> FineTune:
+             channels: list[int], cached_only: bool = False) -> FineTune:
     """Fine-tune ``key`` with ``arm`` on the tokenised ``train`` examples, or load the cached result.
 
     ``layer``/``channels``: the massive layer and its top-k channels, detected on the pre-trained model
@@ -144,7 +144,8 @@ def finetune(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list
 
     Under ``accelerate launch`` every process calls this; ``settings.grad_accum`` is per process. Only the
     main process writes the cache directory, after every process has finished training; the others return
-    once it exists. ``macdrop`` then holds every process's masks (``macdrop.merge_histories``)."""
+    once it exists. ``macdrop`` then holds every process's masks (``macdrop.merge_histories``). With
+    ``cached_only`` a run that is not in the cache raises FileNotFoundError instead of training."""
     if arm.schedule is not None and layer is None:
         raise ValueError(f"arm {arm.name!r} uses MacDrop but no massive layer was given: this model has no "
                          "massive weights to drop (run detection.massive_weights on it first)")
@@ -154,6 +155,9 @@ def finetune(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list
     if (final / "COMPLETE").exists():
         meta = json.loads((final / "result.json").read_text())
         return FineTune(final, meta["log"], meta["macdrop"], meta["seconds"], meta["steps"])
+    if cached_only:
+        raise FileNotFoundError(f"{key} {arm.name} seed {seed} is not fine-tuned yet ({final} has no COMPLETE): train "
+                                "it first with `python -m common.hoc.finetune` (docs/MULTI_GPU.md)")
     result = _train(key, arm, seed, settings, train, layer, channels, work)
     from accelerate import PartialState  # the Trainer's process state (a single process without a launcher)
 

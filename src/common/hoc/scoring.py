@@ -22,7 +22,8 @@ from common.core import evaluation, models
 from common.core.cache import cached, tensor_digest
 from common.core.data import pad_id as pad_token_id
 from common.core.manifest import record
-from common.hoc import edits, finetune, paper
+from common.core.profiles import PROFILE_NAMES, load_config
+from common.hoc import detection, edits, finetune, paper
 from common.hoc.finetune import FineTune, load_tuned
 
 
@@ -35,6 +36,17 @@ class EvalSpec:
     k_attack: int = 3
     batch_size: int = 8
     attack_tasks: bool = True  # also run the zero-shot tasks under the attack (Table 4)
+
+
+def eval_spec(cfg, key: str, val: list[dict]) -> EvalSpec:
+    """Notebook 03's ``EvalSpec`` for ``key`` (``cfg``: its MacDropConfig; ``val``: ``finetune.datasets``' held-out
+    examples): the profile's tasks, none for a ``loss_only`` model."""
+    return EvalSpec(tuple(val), () if key in cfg.loss_only else cfg.tasks, cfg.n_items, cfg.k_attack, cfg.batch_size)
+
+
+def grid_spec(cfg, spec: EvalSpec) -> EvalSpec:
+    """The grid arms' spec: the grid's tasks, no zero-shot under the attack."""
+    return replace(spec, tasks=cfg.grid_tasks, attack_tasks=False)
 
 
 def evaluate(key: str, tuned: FineTune | None, layer: int | None, channels: list[int], spec: EvalSpec,
@@ -219,7 +231,7 @@ def run_grid(cfg, key: str, massive_rows: tuple[int, list[int]], tok, spec: Eval
     the grid's settings and tasks (no zero-shot under the attack). Returns (``grid_frame``, plain LoRA's
     scores, its optimizer steps)."""
     layer, channels = massive_rows
-    pad, spec = pad_token_id(tok), replace(spec, tasks=cfg.grid_tasks, attack_tasks=False)
+    pad, spec = pad_token_id(tok), grid_spec(cfg, spec)
     arms = finetune.grid_arms(cfg.grid_kinds, cfg.grid_p0s, cfg.scope_ps)
 
     def tune(arm: finetune.Arm) -> FineTune:
@@ -239,3 +251,53 @@ def record_grid(key: str, grid: pd.DataFrame, baseline: dict, steps: int) -> Non
            note=f"{paper.EXP_ALPHA:g} x {paper.T_STEPS} / T, T = {steps}")
     for name, row in grid.iterrows():
         record(f"{key}/macdrop/grid/{name}/loss_gain", baseline["loss"] - row["loss"], note="vs plain LoRA, one seed")
+
+
+def shard_jobs(cfg, grid: bool, shard: int = 0, shards: int = 1) -> list[tuple[str, str | None, int]]:
+    """Shard ``shard`` of ``shards`` of notebook 03's scoring jobs (model, arm or None for the pre-trained model,
+    seed): every model of the runs with its arms and seeds, or with ``grid`` plain LoRA and the grid arms."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard}/{shards}: need 0 <= shard < shards")
+    if grid:
+        names = ["lora", *finetune.grid_arms(cfg.grid_kinds, cfg.grid_p0s, cfg.scope_ps)]
+        jobs = [(cfg.grid_model, name, cfg.seed) for name in names]
+    else:
+        jobs = [job for key, arms, seeds in cfg.runs for job in [(key, None, 0)] + [(key, a, s) for a in arms
+                                                                                  for s in seeds]]
+    return list(dict.fromkeys(jobs))[shard::shards]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Score notebook 03's fine-tuned arms (already trained) into the cache the notebook reads, a share per
+    process and GPU: ``CUDA_VISIBLE_DEVICES=i python -m common.hoc.scoring --profile paper --shard i/8`` for i
+    in 0..7 (``make macdrop-score GPUS=8``). Each process scores whole arms exactly as the notebook does (held-out
+    loss, zero-shot, under the attack), so the cache entries are the notebook's own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m common.hoc.scoring", description=main.__doc__)
+    parser.add_argument("--profile", required=True, choices=PROFILE_NAMES)
+    parser.add_argument("--grid", action="store_true", help="the Table 5 / Fig. 6 grid arms instead of the main runs")
+    parser.add_argument("--shard", default="0/1", help="I/N: this process's share of the jobs (default all)")
+    parser.add_argument("--notebook-seed", type=int, default=0, help="the notebook's SEED (0 as shipped)")
+    args = parser.parse_args(argv)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    cfg = load_config(finetune.NOTEBOOK, args.profile, args.notebook_seed)
+    jobs = shard_jobs(cfg, args.grid, shard, shards)
+    arms = {**finetune.ARMS, **finetune.grid_arms(cfg.grid_kinds, cfg.grid_p0s, cfg.scope_ps)}
+    for key in dict.fromkeys(k for k, _, _ in jobs):
+        model, tok = models.load_model(key)
+        layer, channels = detection.massive_weights(model, [models.encode(tok, key, p) for p in cfg.prompts], cfg.k)
+        del model
+        train, val = finetune.datasets(cfg, key, tok)
+        spec, settings = eval_spec(cfg, key, val), cfg.settings
+        if args.grid:
+            spec, settings = grid_spec(cfg, spec), cfg.grid_settings
+        for _, arm, seed in (j for j in jobs if j[0] == key):
+            tuned = arm and finetune.finetune(key, arms[arm], seed, settings, train, layer, channels, cached_only=True)
+            res = evaluate(key, tuned, layer, channels, spec, pad_token_id(tok))
+            print(f"shard {shard}/{shards}: {key} {arm or 'pre-trained'} seed {seed}: held-out loss {res['loss']:.4f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
