@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntime plan on {hardware[1]} {hardware[0].upper()} (long runs on all of them; the rest on one):")
     for notebook, work in jobs(args.profile).items():
         for j in work:
-            launch = f"  ->  {j.launch.replace(' N ', f' {hardware[1]} ')}" if j.tier == timeplan.LONG else ""
+            launch = f"  ->  {j.command(hardware[1])}" if j.tier == timeplan.LONG else ""
             print(f"  {notebook[:2]} {j.tier:<4} {j.name[:58]:<58} {j.model:<12} {j.flops / 1e15:>10,.0f} PFLOP "
                   f"{j.hours(*hardware):>8,.1f} h{launch}")
 

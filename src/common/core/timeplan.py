@@ -16,6 +16,7 @@ training step of the GPT-2-medium recipe on the GPU it runs on and reports it ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -55,6 +56,10 @@ class Job:
     kind: str
     tier: str = DAY
     launch: str = ""
+
+    def command(self, n_gpus: int | str) -> str:
+        """``launch`` with its process count ``N`` filled in."""
+        return re.sub(r"\bN\b", str(n_gpus), self.launch)
 
     def hours(self, gpu: str, n_gpus: int = 1) -> float:
         """Expected hours on ``n_gpus`` of ``gpu`` (a ``PEAK`` key); only long runs use more than one GPU."""

@@ -58,7 +58,7 @@ def experiments(cfg: InherituneConfig, s: PretrainSettings, stream: torch.Tensor
     except training.NotCached as missing:
         job = timeplan.pretraining(cfg)
         print(f"{missing}.\nThe {cfg.profile} profile trains these GPTs outside the notebook (a long run): "
-              f"`{job.launch.replace(' N ', ' <GPUs> ')}` (or `make pretrain-inheritune`), then run this notebook "
+              f"`{job.command('<GPUs>')}` (or `make pretrain-inheritune`), then run this notebook "
               f"again; until then the sections on the self-trained GPTs are skipped.\n{timeplan.estimate(job)}; on 8 "
               f"H100s about {job.hours('h100', 8):,.0f} h.")
         return None

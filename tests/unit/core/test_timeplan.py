@@ -64,6 +64,7 @@ def test_paper_pretraining_is_the_recipe_by_hand() -> None:
     assert 5.5 < job.flops / run(24) < 6.0
     assert job.tier == LONG and job.kind == "train" and "torchrun" in job.launch and "--profile paper" in job.launch
     assert "growth [14, 16]" in job.name
+    assert job.command(8) == "torchrun --standalone --nproc_per_node 8 -m common.inheritune.pretrain --profile paper"
 
 
 def test_pretraining_is_day_work_where_the_notebook_trains() -> None:
