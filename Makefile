@@ -106,7 +106,7 @@ test-unit:
 	TQDM_DISABLE=1 $(PY) -m pytest tests -m "not real" -q -p no:cacheprovider
 
 test-notebooks:
-	TQDM_DISABLE=1 REPRO_PROFILE=smoke $(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/
+	TQDM_DISABLE=1 REPRO_PROFILE=smoke $(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 test-real:
 	TQDM_DISABLE=1 $(PY) -m pytest tests -m real -q -p no:cacheprovider

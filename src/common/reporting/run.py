@@ -2,22 +2,34 @@
 
 Each notebook is executed by papermill into ``build/<profile>/NN_name.ipynb`` (never into
 ``notebooks/``; ``build/paper-dryrun/`` under ``REPRO_WEIGHTS=random``), with ``PROFILE`` and ``SEED``
-injected, and any ``--param NAME=VALUE`` (a notebook's other parameters, e.g. ``STEPS=20`` for notebook 04's paper dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its executed copy
-(with the traceback) in ``build/``; the others still run, and the exit status is non-zero.
+injected, and any ``--param NAME=VALUE`` (a notebook's other parameters, e.g. ``STEPS=20`` for notebook 04's paper
+dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its executed copy (with the traceback) in
+``build/``; the others still run, and the exit status is non-zero. A committed profile's finished notebook is
+published with its outputs to ``notebooks/executed/<profile>/`` (``executed.publish``).
+
+It says where it is (issue 22): a start line per notebook with the time its last committed run took; while it
+runs, papermill's bar on a terminal, else a heartbeat every ``HEARTBEAT_S`` seconds (cell k of N, elapsed, the
+cell's first line, read from papermill's autosaved copy); at the end a table of each notebook's time against the
+expected one.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
+import threading
 import time
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.core.profiles import PROFILE_NAMES, run_name
+from common.core.profiles import PROFILE_NAMES, is_dry_run, run_name
+from common.reporting import executed
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+FIGURES = REPO_ROOT / "figures"
+HEARTBEAT_S = 30.0
 
 
 def select_notebooks(prefixes: list[str]) -> list[Path]:
@@ -44,20 +56,82 @@ def parse_param(text: str) -> tuple[str, object]:
         return name, value
 
 
-def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None) -> tuple[bool, float]:
-    """Execute one notebook with papermill; returns (succeeded, seconds)."""
+def expected_seconds(path: Path, profile: str) -> float | None:
+    """The wall time of ``path``'s last committed run of ``profile`` (its manifest's ``run.wall_s``), or None."""
+    manifest = FIGURES / run_name(profile) / path.stem / "manifest.json"
+    try:
+        return float(json.loads(manifest.read_text())["run"]["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def where(out: Path, elapsed: float) -> str | None:
+    """A heartbeat from papermill's autosaved ``out``: the running (else the last finished) code cell as ``cell k
+    of N``, the elapsed time and the cell's first line; None before papermill has written it."""
+    try:
+        cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
+    except (OSError, ValueError, KeyError):
+        return None
+    status = [c.get("metadata", {}).get("papermill", {}).get("status") for c in cells]
+    k = next((i for i, st in enumerate(status) if st == "running"), None)
+    if k is None:
+        done = [i for i, st in enumerate(status) if st == "completed"]
+        if not done:
+            return None
+        k = done[-1]
+    first = next((line for line in "".join(cells[k]["source"]).splitlines() if line.strip()), "")
+    return f"cell {k + 1} of {len(cells)}, {int(elapsed // 60)}:{int(elapsed % 60):02d} elapsed: {first[:80]}"
+
+
+class Heartbeat(threading.Thread):
+    """Prints ``where(out, ...)`` every ``every`` seconds until stopped (a daemon: never outlives the run)."""
+
+    def __init__(self, out: Path, label: str, every: float = HEARTBEAT_S) -> None:
+        super().__init__(daemon=True)
+        self.out, self.label, self.every = out, label, every
+        self.start_time, self.done = time.perf_counter(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            line = where(self.out, time.perf_counter() - self.start_time)
+            if line:
+                print(f"  {self.label}: {line}", flush=True)
+
+
+def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None,
+                 heartbeat: float | None = HEARTBEAT_S) -> tuple[bool, float]:
+    """Execute one notebook with papermill; returns (succeeded, seconds). On a terminal papermill's bar shows
+    the cells; otherwise a heartbeat every ``heartbeat`` seconds (None: quiet)."""
     import papermill as pm
 
     out = REPO_ROOT / "build" / run_name(profile) / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    tty = sys.stdout.isatty()
+    beat = Heartbeat(out, path.stem[:2], heartbeat) if heartbeat and not tty else None
+    out.unlink(missing_ok=True)  # the heartbeat reads this run's copy only
     start = time.perf_counter()
+    if beat:
+        beat.start()
     try:
         pm.execute_notebook(str(path), str(out), parameters={"PROFILE": profile, "SEED": seed, **(params or {})},
-                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+                            kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                            progress_bar={"disable": False, "desc": path.stem[:2]} if tty else False,
+                            autosave_cell_every=max(1, round(heartbeat or 30)))
         ok = True
     except pm.PapermillExecutionError as err:
         print(f"FAILED {path.name}: {err.ename}: {err.evalue} (executed copy: {out.relative_to(REPO_ROOT)})")
         ok = False
+    finally:
+        if beat:
+            beat.done.set()
+            beat.join()
+    if ok and profile != "smoke" and not is_dry_run(profile):
+        manifest = FIGURES / run_name(profile) / path.stem / "manifest.json"
+        executed.publish(out, manifest, executed.EXECUTED / run_name(profile) / path.name)
     return ok, time.perf_counter() - start
 
 
@@ -70,12 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="another notebook parameter (repeatable), e.g. STEPS=20")
     args = parser.parse_args(argv)
     params = dict(parse_param(p) for p in args.param)
-    failed = []
+    failed, rows = [], []
     for nb in select_notebooks(args.notebooks):
+        expected = expected_seconds(nb, args.profile)
+        print(f"start  {nb.stem} (profile {args.profile}): expected {_minutes(expected)} (its last committed run)",
+              flush=True)
         ok, seconds = run_notebook(nb, args.profile, args.seed, params)
         print(f"{'ok' if ok else 'FAILED':6s} {nb.stem:40s} {seconds:7.1f} s  (profile {args.profile})", flush=True)
+        rows.append((nb.stem, seconds, expected, ok))
         if not ok:
             failed.append(nb.stem)
+    print(f"\n{'notebook':40s} {'time':>10s} {'expected':>10s}  status")
+    for stem, seconds, expected, ok in rows:
+        print(f"{stem:40s} {_minutes(seconds):>10s} {_minutes(expected):>10s}  {'ok' if ok else 'FAILED'}")
     if failed:
         print(f"{len(failed)} notebook(s) failed: {', '.join(failed)}")
         return 1
