@@ -17,18 +17,24 @@ export PYTHONHASHSEED := 0
 export TRANSFORMERS_VERBOSITY := error
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
+export UNLOCKED  # make setup UNLOCKED=1 installs the ranges; tests/test_lock.py then does not expect the lock
 
-.PHONY: help setup install models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid macdrop-score gpu-check wheelhouse clean
+.PHONY: help setup install lock models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid macdrop-score gpu-check wheelhouse clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(VENV)/.installed  ## create .venv (CPU machines get torch==2.13.0 first) and install -e .[dev]
+setup: $(VENV)/.installed  ## create .venv from the lock (CPU machines get torch==2.13.0 first); UNLOCKED=1: pyproject's ranges
 
-# The stamp holds the digest of pyproject.toml's dependency tables: a change elsewhere in the file (pytest, ruff)
-# re-stamps without pip, so a set-up offline GPU box never reaches for the network over it.
-DEPS_DIGEST = sed -n '/^\[build-system\]/,/^\[tool/p' pyproject.toml | sha256sum | cut -c1-16
-$(VENV)/.installed: pyproject.toml
+# The versions the committed results were made with (issue 22): requirements/cpu.lock on machines without a GPU
+# (torch==2.13.0's CPU build installed first, then the lock without torch and its CUDA libraries), gpu.lock on GPU
+# boxes (torch with its CUDA libraries from PyPI). `make lock` regenerates both with uv.
+CPU_TORCH := torch==2.13.0
+LOCK := requirements/$(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu).lock
+# The stamp holds the digest of pyproject.toml's dependency tables and of the lock: a change elsewhere in the file
+# (pytest, ruff) re-stamps without pip, so a set-up offline GPU box never reaches for the network over it.
+DEPS_DIGEST = { sed -n '/^\[build-system\]/,/^\[tool/p' pyproject.toml; cat $(LOCK); echo "$(UNLOCKED)"; } | sha256sum | cut -c1-16
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	@if [ -f $@ ] && [ "$$($(DEPS_DIGEST))" = "$$(cat $@)" ]; then touch $@; \
 	else $(MAKE) --no-print-directory install && $(DEPS_DIGEST) > $@; fi
 
@@ -36,9 +42,23 @@ install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  echo "no nvidia-smi: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; fi
+	  echo "no nvidia-smi: installing the CPU build $(CPU_TORCH) first"; $(PY) -m pip install -q $(CPU_TORCH); fi
+ifdef UNLOCKED
 	$(PY) -m pip install -q -e '.[dev]'
+else
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+endif
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (repro)" >/dev/null
+
+# Regenerate the locks (needs PyPI): every pin kept unless UPGRADE=1; the CPU lock is the GPU lock without torch,
+# triton and the CUDA libraries.
+lock:  ## regenerate requirements/gpu.lock and cpu.lock with uv (UPGRADE=1: newest versions inside pyproject's ranges)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11.7 --python-platform x86_64-manylinux_2_28 \
+	  $(if $(UPGRADE),,--constraint requirements/gpu.lock) --no-header --annotation-style line -o requirements/gpu.lock.new
+	mv requirements/gpu.lock.new requirements/gpu.lock
+	grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' requirements/gpu.lock > requirements/cpu.lock
 
 models: setup  ## PROFILE=small: install the PyPI models + wiki data, convert once; PROFILE=paper: download (needs hub access, HF_TOKEN)
 ifeq ($(PROFILE),paper)
