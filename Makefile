@@ -19,7 +19,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export SOURCE_DATE_EPOCH := 0
 export UNLOCKED  # make setup UNLOCKED=1 installs the ranges; tests/test_lock.py then does not expect the lock
 
-.PHONY: help setup install lock models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report plan pretrain-inheritune macdrop-grid macdrop-score gpu-check wheelhouse clean
+.PHONY: help setup install lock models reproduce dry-run test lint test-unit test-notebooks test-real test-dryrun test-determinism test-gpu-check lab bench report site plan pretrain-inheritune macdrop-grid macdrop-score gpu-check wheelhouse clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -158,6 +158,9 @@ bench: setup  ## benchmarks (ratios measured side by side) -> bench/results/*.js
 	TQDM_DISABLE=1 $(PY) bench/bench_zero_shot.py
 	TQDM_DISABLE=1 $(PY) bench/bench_bf16.py
 	@sed -n '/<!-- table -->/,$$p' bench/README.md
+
+site: setup  ## the results site in build/site/ (nbconvert's lab template): executed notebooks, REPORT.md, README, docs; fails on a broken internal link
+	$(PY) -m common.reporting.site
 
 report: setup  ## regenerate REPORT.md (each claim: paper vs ours, status, figure) and the README results table from the manifests + claims.yaml
 	$(PY) -m common.reporting.report

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common import REPO_ROOT
 from common.core.manifest import load
+from common.reporting import site
 from common.reporting.claims import (
     DEFECTS,
     FIGURES,
@@ -131,7 +132,10 @@ def _paper_cell(c: Claim) -> str:
 
 
 def _figure(c: Claim) -> str:
-    return f"[{c.figure.rsplit('/', 1)[-1]}]({c.figure})"
+    """The claim's figure and the notebook section that makes it (``site.section_link``)."""
+    figure = f"[{c.figure.rsplit('/', 1)[-1]}]({c.figure})"
+    section = site.section_link(c.figure)
+    return f"{figure}; {section}" if section else figure
 
 
 def outcomes(claims: list[Claim], root: Path = FIGURES) -> list[tuple[Claim, Outcome, Outcome]]:
