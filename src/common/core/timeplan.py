@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.core.gpu import Shape, task_requests
+from common.core.profiling import PEAK_BF16_TFLOPS
 
-#: Dense bf16 peak FLOP/s of the GPUs the planner names (vendor figures, SXM parts; no sparsity).
-PEAK = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+#: Dense bf16 peak FLOP/s of the GPUs the planner names: ``profiling``'s table (vendor figures, SXM parts).
+PEAK = {chip.lower(): PEAK_BF16_TFLOPS[chip] * 1e12 for chip in ("H100", "H200", "A100")}
 
 #: Model-FLOPs utilisation assumed per kind of work: pre-training a GPT (issue 21's target for the GPT-2-medium
 #: recipe with compile, fused AdamW, bf16 and SDPA), LoRA / DoRA fine-tuning with gradient checkpointing, and

@@ -38,13 +38,18 @@ def inputs(cfg: InherituneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return stream, heldout, training.val_windows(heldout, cfg.train.n_val, cfg.reference.block_size)
 
 
+def notebook_seeds(cfg: InherituneConfig) -> list[int]:
+    """The notebook's training seeds: SEED ... SEED + n_seeds - 1."""
+    return list(range(cfg.seed, cfg.seed + cfg.n_seeds))
+
+
 def experiments(cfg: InherituneConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
                 seeds: list[int] | None = None, progress=None) -> list[Experiment] | None:
     """Notebook 04's experiments (``training.run_experiment``), one per training seed (default the notebook's: SEED
     ... SEED + n_seeds - 1), trained here or read from the cache. Where the profile leaves the training to this
     module's command (``train_in_notebook`` False: the paper's weeks-long recipe), only cached runs are read: None,
     with the command to run and the planner's estimate printed, while one is missing."""
-    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds)) if seeds is None else seeds
+    seeds = notebook_seeds(cfg) if seeds is None else seeds
 
     def run() -> list[Experiment]:
         return [training.run_experiment(cfg.reference, s, stream, val, seed, cfg.growth_step, cfg.max_rounds,
@@ -95,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         s = replace(s, steps=choice.steps)
         say(f"S = {choice.steps} (separated: {choice.separated})")
     run = replace(cfg, train_in_notebook=True)  # this command is where the training happens
-    for seed, exp in zip(args.seeds or range(cfg.seed, cfg.seed + cfg.n_seeds),
-                         experiments(run, s, stream, val, args.seeds, progress=say), strict=True):
+    seeds = args.seeds or notebook_seeds(cfg)
+    for seed, exp in zip(seeds, experiments(run, s, stream, val, seeds, progress=say), strict=True):
         say(f"seed {seed}: " + ", ".join(f"{n} {r.val_loss:.4f}" for n, r in exp.runs.items())
             + f"; growth {[r.n_layer for r in exp.growth.rounds]} matched={exp.growth.matched}")
 

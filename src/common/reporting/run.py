@@ -56,11 +56,15 @@ def parse_param(text: str) -> tuple[str, object]:
         return name, value
 
 
+def _manifest(path: Path, profile: str) -> Path:
+    """Where notebook ``path``'s run of ``profile`` writes its manifest."""
+    return FIGURES / run_name(profile) / path.stem / "manifest.json"
+
+
 def expected_seconds(path: Path, profile: str) -> float | None:
     """The wall time of ``path``'s last committed run of ``profile`` (its manifest's ``run.wall_s``), or None."""
-    manifest = FIGURES / run_name(profile) / path.stem / "manifest.json"
     try:
-        return float(json.loads(manifest.read_text())["run"]["wall_s"])
+        return float(json.loads(_manifest(path, profile).read_text())["run"]["wall_s"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -130,8 +134,7 @@ def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None
             beat.done.set()
             beat.join()
     if ok and profile != "smoke" and not is_dry_run(profile):
-        manifest = FIGURES / run_name(profile) / path.stem / "manifest.json"
-        executed.publish(out, manifest, executed.EXECUTED / run_name(profile) / path.name)
+        executed.publish(out, _manifest(path, profile), executed.EXECUTED / run_name(profile) / path.name)
     return ok, time.perf_counter() - start
 
 

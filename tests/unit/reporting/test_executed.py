@@ -17,7 +17,7 @@ def _executed(path) -> None:
     cell.outputs = [nbformat.v4.new_output("stream", text="1\n")]
     nb = nbformat.v4.new_notebook(cells=[cell])
     nb.metadata["widgets"] = {"state": {"big": "x" * 1000}}
-    nb.metadata["papermill"] = {"input_path": "/home/me/nb.ipynb", "output_path": "/home/me/out.ipynb", "duration": 3}
+    nb.metadata["papermill"] = {"input_path": "nb.ipynb", "output_path": "build/out.ipynb", "duration": 3}
     nbformat.write(nb, path)
 
 
