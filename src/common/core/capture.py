@@ -77,7 +77,7 @@ def _modules(model: torch.nn.Module, point: str, i: int) -> torch.nn.Module | No
     if point == "attn_out":
         return arch.attention(model, i)
     if point == "mlp_out":
-        return arch.mlp(model, i)
+        return arch.ffn_output(model, i)
     if point == "post_ffn":
         return arch.post_ffn_norm(model, i)
     raise ValueError(f"unknown capture point {point!r}; known: {', '.join(POINTS)}")
