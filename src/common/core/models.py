@@ -39,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.core import gpu
+from common.core import arch, gpu
 from common.core.env import cache_dir, random_weights
 from common.core.gpu import device
 
@@ -152,20 +152,21 @@ def _tiny_llama() -> LlamaForCausalLM:
     return model
 
 
-def plant_massive_weight(model: LlamaForCausalLM, layer: int, channel: int, hidden_dim: int, bos_dim: int,
+def plant_massive_weight(model: PreTrainedModel, layer: int, channel: int, hidden_dim: int, bos_dim: int,
                          gain: float = 6.0, write: float = 3.0) -> None:
-    """Plant a House-of-Cards circuit (HoC §2.2) in a random Llama: BOS gets a private embedding dim
-    ``bos_dim``; the up/gate rows of intermediate ``channel`` at ``layer`` read that dim, so the first
-    token's intermediate state explodes there; down_proj writes it into ``hidden_dim`` of the residual."""
+    """Plant a House-of-Cards circuit (HoC §2.2) in a random model of any dense layout (``common.core.arch``):
+    BOS gets a private embedding dim ``bos_dim``; the FFN input rows (up and gate, fused halves, GPT-2's
+    ``c_fc`` columns) of intermediate ``channel`` at ``layer`` read that dim, so the first token's intermediate
+    state explodes there; the down projection writes it into ``hidden_dim`` of the residual."""
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight
+        emb = model.get_input_embeddings().weight
         emb[:, bos_dim] = 0.0
         emb[model.config.bos_token_id, bos_dim] = 1.0
-        mlp = model.model.layers[layer].mlp
-        for proj in (mlp.up_proj, mlp.gate_proj):
-            proj.weight[channel] *= 0.1  # keep the row dense (as in real models), but quiet off-BOS
-            proj.weight[channel, bos_dim] = gain
-        mlp.down_proj.weight[hidden_dim, channel] = write
+        for block in arch.ffn_input_blocks(model, layer):
+            row = block.index(torch.tensor(channel))
+            block.weight[row] *= 0.1  # keep the row dense (as in real models), but quiet off-BOS
+            block.weight[(*row, bos_dim) if block.dim == 0 else (bos_dim, row[1])] = gain
+        arch.down_matrix(model, layer)[hidden_dim, channel] = write
 
 
 def _tiny_gpt2() -> GPT2LMHeadModel:
