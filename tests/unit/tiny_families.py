@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
@@ -26,7 +27,26 @@ from transformers import (
 #: model.language_model: the table's "model"/"layers" paths do not reach them, so it is not built here.)
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "gemma", "gemma3_text", "gemma2", "phi3", "gpt2")
 
+#: More decoder families (issue 23), from the table (Llama-style, GPT-NeoX / Falcon / BLOOM ``dense_h_to_4h``,
+#: OPT's ``fc1/fc2`` in the layer, Phi, GPT-J, StarCoder2, GPTBigCode) and two the table does not list, whose
+#: layout ``arch`` infers from their modules (``INFERRED``).
+MORE_FAMILIES = ("qwen3", "olmo2", "granite", "cohere", "gpt_neox", "falcon", "bloom", "opt", "phi", "gptj",
+                 "starcoder2", "gpt_bigcode")
+INFERRED = ("helium", "seed_oss")
+ALL_FAMILIES = (*FAMILY_NAMES, *MORE_FAMILIES, *INFERRED)
+
 HIDDEN, INTER, N_LAYERS, VOCAB = 32, 48, 2, 64
+
+#: Config arguments of the families whose configs do not take Llama's names.
+_OWN_NAMES = {
+    "gpt_neox": dict(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=2, max_position_embeddings=64),
+    "falcon": dict(hidden_size=HIDDEN, num_attention_heads=2, num_kv_heads=2, ffn_hidden_size=INTER),
+    "bloom": dict(hidden_size=HIDDEN, n_head=2),
+    "opt": dict(hidden_size=HIDDEN, ffn_dim=INTER, num_attention_heads=2, word_embed_proj_dim=HIDDEN,
+                max_position_embeddings=64),
+    "gptj": dict(n_embd=HIDDEN, n_head=2, rotary_dim=8, n_positions=64, n_inner=INTER),
+    "gpt_bigcode": dict(n_embd=HIDDEN, n_head=2, n_positions=64, n_inner=INTER),
+}
 
 
 def tiny_config(family: str) -> PretrainedConfig:
@@ -51,6 +71,11 @@ def tiny_config(family: str) -> PretrainedConfig:
     if family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=2, n_positions=64,
                           bos_token_id=1, eos_token_id=2)
+    if family in _OWN_NAMES:
+        return AutoConfig.for_model(family, vocab_size=VOCAB, num_hidden_layers=N_LAYERS, n_layer=N_LAYERS,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, **_OWN_NAMES[family])
+    if family in (*MORE_FAMILIES, *INFERRED):
+        return AutoConfig.for_model(family, **base, head_dim=16)
     raise KeyError(family)
 
 

@@ -34,6 +34,7 @@ class Arch:
     norm_offset: float = 0.0  # RMSNorm gain = offset + weight (Gemma: 1 + w)
     final_norm: str = "norm"  # the norm after the last layer, relative to the backbone
     experts: str = ""  # mixture of experts: the experts module, relative to the FFN module
+    attn_write: str = ""  # attention's output projection, where the attention module adds the residual (BLOOM)
 
     @property
     def layout(self) -> str:
@@ -83,7 +84,8 @@ FAMILIES: dict[str, Arch] = {
     "starcoder2": _ungated("model", "layers", "self_attn", "mlp", "c_fc", "c_proj", "norm"),
     "gpt_neox": _NEOX,
     "falcon": _ungated("transformer", "h", "self_attention", "mlp", "dense_h_to_4h", "dense_4h_to_h", "ln_f"),
-    "bloom": _ungated("transformer", "h", "self_attention", "mlp", "dense_h_to_4h", "dense_4h_to_h", "ln_f"),
+    "bloom": _ungated("transformer", "h", "self_attention", "mlp", "dense_h_to_4h", "dense_4h_to_h", "ln_f",
+                      attn_write="dense"),
     "gptj": _ungated("transformer", "h", "attn", "mlp", "fc_in", "fc_out", "ln_f"),
     "phi": _ungated("model", "layers", "self_attn", "mlp", "fc1", "fc2", "final_layernorm"),
     "opt": _ungated("model", "decoder.layers", "self_attn", "", "fc1", "fc2", "decoder.final_layer_norm"),
@@ -249,6 +251,21 @@ def lm_head(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model.lm_head
 
 
+def logits(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """The model's float32 logits from final-normed hidden states: the LM head, then the family's transform of
+    its logits where it has one (Gemma-2/3 ``final_logit_softcapping``, Cohere's ``logit_scale`` multiplier,
+    Granite's ``logits_scaling`` divisor), as its own forward applies them."""
+    out = lm_head(model)(normed).float()
+    cfg = getattr(unwrap(model), "config", None)
+    if cap := getattr(cfg, "final_logit_softcapping", None):
+        out = torch.tanh(out / cap) * cap
+    if isinstance(scale := getattr(unwrap(model), "logit_scale", None), (int, float)):
+        out = out * scale
+    if (divisor := getattr(cfg, "logits_scaling", None)) is not None:
+        out = out / divisor
+    return out
+
+
 def check_ids(model: nn.Module, ids: torch.Tensor, name: str = "ids") -> None:
     """Refuse anything but a non-empty [B, T] torch.long tensor of ids inside the model's vocabulary (torch would
     fail deep inside the embedding, or on CUDA with a device-side assert). The vocabulary is the rows of the
@@ -278,10 +295,17 @@ def mlp(model: nn.Module, i: int) -> nn.Module:
     return _get(layer(model, i), arch_of(model).mlp)
 
 
+def attention_output(model: nn.Module, i: int) -> nn.Module:
+    """The module whose output is what layer ``i``'s attention writes (before any post-norm): the attention
+    module, or its output projection where the module adds the residual itself (BLOOM)."""
+    return _get(attention(model, i), arch_of(model).attn_write)
+
+
 def ffn_output(model: nn.Module, i: int) -> nn.Module:
-    """The module whose output is what layer ``i``'s FFN writes (before any post-norm): the FFN module, or
-    its down projection where the FFN has no module of its own (OPT)."""
-    return mlp(model, i) if arch_of(model).mlp else down_proj(model, i)
+    """The module whose output is what layer ``i``'s FFN writes (before any post-norm): the down projection of
+    a dense FFN (OPT's FFN has no module of its own; BLOOM's adds the residual inside its MLP module), the
+    whole block of a mixture of experts (the routed experts' weighted sum, plus any shared expert)."""
+    return mlp(model, i) if arch_of(model).experts else down_proj(model, i)
 
 
 def _dense(model: nn.Module, i: int) -> Arch:
@@ -323,17 +347,26 @@ def down_matrix(model: nn.Module, i: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class RowBlock:
     """Intermediate-channel rows of one FFN input weight: channel c is ``weight[c + offset]`` along
-    ``dim`` (0 for ``nn.Linear``, 1 for ``Conv1D``)."""
+    ``dim`` (0 for ``nn.Linear``, 1 for ``Conv1D``). For one expert of a fused ``[E, rows, d]`` expert
+    weight (``common.core.experts``), ``expert`` is its leading index: the rows are those of ``weight[expert]``."""
     name: str
     weight: nn.Parameter
     dim: int
     offset: int
     bias: nn.Parameter | None = None  # per-channel bias of this block, if the projection has one
+    expert: int | None = None  # leading index into a fused 3-D expert weight
 
     def index(self, channels: torch.Tensor) -> tuple:
         """Index tuple selecting ``channels`` in ``weight``."""
         idx = channels + self.offset
-        return (idx,) if self.dim == 0 else (slice(None), idx)
+        lead = () if self.expert is None else (self.expert,)
+        return (*lead, idx) if self.dim == 0 else (*lead, slice(None), idx)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The 2-D weight whose rows (``dim`` 0) or columns (``dim`` 1) are the channels: ``weight`` itself,
+        or the expert's slice of a fused 3-D weight."""
+        return self.weight if self.expert is None else self.weight[self.expert]
 
 
 def ffn_input_blocks(model: nn.Module, i: int) -> list[RowBlock]:

@@ -47,9 +47,15 @@ class _Recorder:
         self.data: dict[tuple[str, str], list[list[torch.Tensor]]] = defaultdict(
             lambda: [[] for _ in range(n_layers)])
         self.seq_len = 0
+        self.batch = 0  # rows of the batch in flight: OPT's FFN sees its tokens flattened to [B * T, I]
 
     def observe(self, point: str, layer: int, x: torch.Tensor) -> None:
         x = x.detach()
+        if x.ndim == 2:
+            if not self.batch:
+                raise ValueError(f"the {point} input of layer {layer} is flattened to [tokens, width]; set the "
+                                 "recorder's batch (rows of the batch) before the forward, as capture() does")
+            x = x.view(self.batch, -1, x.shape[-1])
         # a copy, never a view: a view would keep the whole activation tensor alive
         self.data["pos0", point][layer].append(x[:, 0].to(torch.float32, copy=True))
         if self.whole:
@@ -75,7 +81,7 @@ def _modules(model: torch.nn.Module, point: str, i: int) -> torch.nn.Module | No
     if point == "inter":
         return arch.down_proj(model, i)
     if point == "attn_out":
-        return arch.attention(model, i)
+        return arch.attention_output(model, i)
     if point == "mlp_out":
         return arch.ffn_output(model, i)
     if point == "post_ffn":
@@ -120,6 +126,7 @@ def capture(model: torch.nn.Module, batches: Iterable[torch.Tensor], points: Ite
     with recording(model, points, whole, k) as rec:
         for ids in batches:
             arch.check_ids(model, ids, "each batch")
+            rec.batch = ids.shape[0]
             body(input_ids=ids.to(dev), use_cache=False)
             seen += 1
     if not seen:

@@ -1,8 +1,9 @@
-"""Process environment shared by every layer: the cache root, the random-weight dry-run switch, seeding and
-atomic JSON writes. Imports nothing from ``common`` (the bottom of the core, beside ``gpu``)."""
+"""Process environment shared by every layer: the cache root, the random-weight dry-run switch, seeding, file
+digests and atomic JSON writes. Imports nothing from ``common`` (the bottom of the core, beside ``gpu``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,15 @@ def seed_everything(seed: int) -> None:
 def cache_dir() -> Path:
     """Root of every content-addressed cache: ``$REPRO_CACHE`` or ``build/cache``."""
     return Path(os.environ.get("REPRO_CACHE") or REPO_ROOT / "build" / "cache")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def json_ready(value: Any) -> Any:

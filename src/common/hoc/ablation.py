@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from common.core import arch, data, evaluation, intervals, models
+from common.core import arch, data, evaluation, intervals, models, progress
 from common.core import tasks as task_sets
 from common.core.cache import cached, tensor_digest
 from common.core.manifest import record, record_model
@@ -145,7 +145,7 @@ def table1_rows(model: torch.nn.Module, tok, key: str, report: detection.Massive
     if report.found:
         attacks = table1(report, ranked, k, arch.intermediate_size(model, report.layer), seeds)
     rows = {}
-    for attack in attacks:
+    for attack in progress.each(f"HoC Table 1 attacks ({key})", attacks):
         with_tasks = attack.name in ("base", f"zero_top{k}", f"keep_top{k}") or attack.name.endswith("_s0")
         rows[attack.name] = evaluate(model, tok, key, attack, windows, tasks if with_tasks else (), n_items,
                                      batch_size, eval_batch_size=eval_batch_size)
@@ -317,7 +317,7 @@ def attack_model(key: str, cfg) -> tuple[detection.Measurement, list[int], dict[
     record_table1(key, rows, cfg.k, reason=None if r.found else NO_LAYER)
     if r.found:
         rows.update({a.name: evaluate(model, tok, key, a, windows, batch_size=cfg.batch_size)
-                     for a in circuit_attacks(model, m, ranked)})
+                     for a in progress.each(f"circuit attacks ({key})", circuit_attacks(model, m, ranked))})
     del model
     return m, ranked, rows, windows
 
@@ -351,7 +351,7 @@ def run_sweep(key: str, cfg, windows: torch.Tensor, layer: int, ranked: list[int
     width = arch.intermediate_size(model, layer)
     sweep = {a.name: evaluate(model, tok, key, a, windows, () if a.name.startswith("random") else cfg.sweep_tasks,
                               cfg.sweep_n_items, cfg.batch_size, eval_batch_size=cfg.eval_batch_size)
-             for a in k_sweep(layer, ranked, cfg.k_grid, width)}
+             for a in progress.each(f"HoC Fig. 4 k-sweep ({key})", k_sweep(layer, ranked, cfg.k_grid, width))}
     del model
     return sweep_frame(sweep, cfg.k_grid)
 

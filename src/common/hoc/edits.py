@@ -1,7 +1,8 @@
 """Weight edits of House of Cards (Table 1, Fig. 4, Table 7 attacks; SunMA's interventions) as context
 managers that restore the exact original values, also on exceptions, and copy only the rows they touch
 (DESIGN §6): zero / keep-only / random intermediate channels, silencing channels, the super weight,
-setting hidden dims, the post-FFN norm gain. Attacks on a model without a massive layer refuse."""
+setting hidden dims, the post-FFN norm gain. Attacks on a model without a massive layer refuse. The channel edits
+take an optional ``expert``: the rows of that expert of a mixture-of-experts layer (``common.core.experts``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from common.core import arch
+from common.core import arch, experts
 from common.core.hooks import first, hooked
 from common.hoc.detection import MassiveReport
 
@@ -37,18 +38,20 @@ def check_k(k: int, width: int) -> None:
         raise ValueError(f"k={k} is out of range: it must be between 1 and the intermediate size {width}")
 
 
-def _channel_slices(model: torch.nn.Module, layer: int, channels: torch.Tensor) -> list[tuple[torch.Tensor, tuple]]:
+def _channel_slices(model: torch.nn.Module, layer: int, channels: torch.Tensor,
+                    expert: int | None = None) -> list[tuple[torch.Tensor, tuple]]:
     slices = []
-    for block in arch.ffn_input_blocks(model, layer):
+    for block in experts.row_blocks(model, layer, expert):
         slices.append((block.weight, block.index(channels)))
         if block.bias is not None:  # a biased projection (GPT-2 c_fc): zero the channel's bias as well
             slices.append((block.bias, (channels + block.offset,)))
     return slices
 
 
-def channel_index(model: torch.nn.Module, layer: int, channels: list[int]) -> torch.Tensor:
-    """``channels`` as a long tensor, or a ValueError when one lies outside the layer's intermediate size."""
-    width = arch.intermediate_size(model, layer)
+def channel_index(model: torch.nn.Module, layer: int, channels: list[int], expert: int | None = None) -> torch.Tensor:
+    """``channels`` as a long tensor, or a ValueError when one lies outside the intermediate size of the layer
+    (or of its expert ``expert``)."""
+    width = experts.width(model, layer, expert)
     idx = torch.as_tensor(list(channels), dtype=torch.long)
     if len(idx) and (idx.min() < 0 or idx.max() >= width):
         raise ValueError(f"channel index out of range for layer {layer}: must be in [0, {width})")
@@ -56,13 +59,14 @@ def channel_index(model: torch.nn.Module, layer: int, channels: list[int]) -> to
 
 
 @contextmanager
-def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]]) -> Iterator[None]:
+def zero_channels(model: torch.nn.Module, channels_by_layer: dict[int, list[int]],
+                  expert: int | None = None) -> Iterator[None]:
     """Zero the up/gate rows (fused gate_up halves; GPT-2 c_fc columns and bias) of the given intermediate
     channels in each layer, so those channels are exactly 0 (HoC §2.3: SiLU(0) = GELU(0) = 0; equivalent to
-    zeroing the matching down_proj columns)."""
+    zeroing the matching down_proj columns); with ``expert``, that expert's rows in each layer."""
     slices = []
     for layer, channels in channels_by_layer.items():
-        slices += _channel_slices(model, layer, channel_index(model, layer, channels))
+        slices += _channel_slices(model, layer, channel_index(model, layer, channels, expert), expert)
     with _patched(slices):
         yield
 
@@ -91,19 +95,20 @@ def require_layer(report: MassiveReport) -> int:
     return report.layer
 
 
-def zero_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int):
-    """HoC top-k *zeroing*: zero the k massive rows of up/gate at ``layer`` (``ranked``: channels by rank)."""
-    check_k(k, arch.intermediate_size(model, layer))
+def zero_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int, expert: int | None = None):
+    """HoC top-k *zeroing*: zero the k massive rows of up/gate at ``layer`` (``ranked``: channels by rank), of
+    expert ``expert`` on a mixture-of-experts layer."""
+    check_k(k, experts.width(model, layer, expert))
     if k > len(ranked):
         raise ValueError(f"k={k} exceeds the {len(ranked)} ranked channels; detect with a larger k")
-    return zero_channels(model, {layer: ranked[:k]})
+    return zero_channels(model, {layer: ranked[:k]}, expert)
 
 
-def keep_only_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int):
-    """HoC top-k *retaining*: zero every other row of up/gate at ``layer`` ((I - k) rows)."""
-    width = arch.intermediate_size(model, layer)
+def keep_only_massive(model: torch.nn.Module, layer: int, ranked: list[int], k: int, expert: int | None = None):
+    """HoC top-k *retaining*: zero every other row of up/gate at ``layer`` ((I - k) rows; of expert ``expert``)."""
+    width = experts.width(model, layer, expert)
     check_k(k, width)
-    return zero_channels(model, {layer: all_but(ranked[:k], width)})
+    return zero_channels(model, {layer: all_but(ranked[:k], width)}, expert)
 
 
 def all_but(keep: list[int], width: int) -> list[int]:
@@ -120,9 +125,11 @@ def random_channels(width: int, k: int, seed: int, exclude: list[int] = ()) -> l
     return pool[torch.randperm(len(pool), generator=gen)[:k]].sort().values.tolist()
 
 
-def zero_random(model: torch.nn.Module, layer: int, k: int, seed: int, exclude: list[int] = ()):
-    """Random control: zero k random (non-massive) rows of the same layer."""
-    return zero_channels(model, {layer: random_channels(arch.intermediate_size(model, layer), k, seed, exclude)})
+def zero_random(model: torch.nn.Module, layer: int, k: int, seed: int, exclude: list[int] = (),
+                expert: int | None = None):
+    """Random control: zero k random (non-massive) rows of the same layer (of the same expert ``expert``)."""
+    width = experts.width(model, layer, expert)
+    return zero_channels(model, {layer: random_channels(width, k, seed, exclude)}, expert)
 
 
 def _down_entry(model: torch.nn.Module, layer: int, hidden_dim: int, channel: int) -> torch.Tensor:

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from torch import nn
+from transformers import TrainerCallback
 
 from common import __version__
-from common.core import arch, gpu, models, timeplan
+from common.core import arch, gpu, models, progress, timeplan
 from common.core.data import collate, instruction_pairs, pad_id, tokenize_pairs
 from common.core.env import cache_dir, seed_everything, write_json_atomic
 from common.core.gpu import device, world_size
@@ -180,6 +181,17 @@ def finetune(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list
     return result
 
 
+class StepProgress(TrainerCallback):
+    """Each optimizer step of a fine-tune to ``progress.report`` (process 0 only)."""
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            progress.report(self.task, state.global_step, state.max_steps)
+
+
 def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[dict], layer: int | None,
            channels: list[int], work: Path) -> FineTune:
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -202,7 +214,8 @@ def _train(key: str, arm: Arm, seed: int, settings: TrainSettings, train: list[d
         bf16=settings.bf16, **_checkpointing(settings.gradient_checkpointing),
         use_cpu=device().type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
         ddp_find_unused_parameters=False)  # DDP: every adapter weight gets a gradient each step
-    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[macdrop] if macdrop else [],
+    steps = StepProgress(f"fine-tune {key} {arm.name} seed {seed}")
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[steps, *([macdrop] if macdrop else [])],
                       data_collator=lambda b: collate(b, pad))
     trainer.remove_callback(PrinterCallback)  # the per-step log goes to FineTune.log, not to stdout
     resume = _last_checkpoint(work)

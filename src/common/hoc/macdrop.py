@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from common.core import arch
+from common.core import arch, experts
 from common.core.env import write_json_atomic
 from common.hoc import edits, paper
 
@@ -112,15 +112,22 @@ def _frozen_float(weight: torch.Tensor, name: str) -> None:
                          "*frozen* pre-trained weights: wrap the model with a PEFT adapter (LoRA/DoRA) or freeze it")
 
 
-def _uses_dora(model: nn.Module, layer: int) -> bool:
+def _ffn_parts(model: nn.Module, layer: int, expert: int | None) -> list[nn.Module]:
+    """The modules holding the masked rows' projections, which peft wraps: the FFN's children, or every module of
+    the expert's own MLP or of the fused experts module (peft nests one wrapper per fused weight)."""
+    if expert is None:
+        return list(arch.mlp(model, layer).children())
+    return list(experts.expert_module(model, layer, expert).modules())
+
+
+def _uses_dora(model: nn.Module, layer: int, expert: int | None = None) -> bool:
     """Whether a peft DoRA adapter wraps any FFN projection of ``layer`` (its weight norm reads the base weight)."""
-    return any(any(getattr(m, "use_dora", {}).values()) for m in arch.mlp(model, layer).children())
+    return any(any(getattr(m, "use_dora", {}).values()) for m in _ffn_parts(model, layer, expert))
 
 
-def _check_reachable(model: nn.Module, layer: int) -> None:
+def _check_reachable(model: nn.Module, layer: int, expert: int | None = None) -> None:
     """Refuse peft wrappings that would make masking the base weight a no-op (merged adapters)."""
-    m = arch.mlp(model, layer)
-    for module in m.children():
+    for module in _ffn_parts(model, layer, expert):
         if getattr(module, "merged", False):
             raise ValueError(f"the adapters of layer {layer}'s FFN are merged into the base weight; MacDrop "
                              "would mask the merged weight. Call model.unmerge_adapter() before training")
@@ -132,28 +139,30 @@ class MacDrop:
 
     ``channels`` are the intermediate channels to drop: the top-k massive channels for MacDrop (scope
     "massive"), or every / every other row of the layer for the Fig. 6 scope ablation. ``model`` may be
-    a peft ``PeftModel``: the frozen ``base_layer`` weights are masked, adapters never.
+    a peft ``PeftModel``: the frozen ``base_layer`` weights are masked, adapters never. ``expert`` (a
+    mixture-of-experts layer, ``moe.massive_expert_weights``) masks that expert's rows (a fused weight's
+    ``[expert, rows]`` slice); None is the dense FFN.
     """
-    def __init__(self, model: nn.Module, layer: int, channels: list[int], seed: int = 0):
+    def __init__(self, model: nn.Module, layer: int, channels: list[int], seed: int = 0, expert: int | None = None):
         model = arch.unwrap(model)
         n_layers = len(arch.layers(model))
         if not 0 <= layer < n_layers:
             raise ValueError(f"massive layer {layer} is outside the model's {n_layers} layers; detect it with "
                              "detection.massive_weights on the pre-trained model")
-        width = arch.intermediate_size(model, layer)
+        width = experts.width(model, layer, expert)
         if not 0 < len(channels) <= width or len(set(channels)) != len(channels):
             raise ValueError(f"MacDrop needs 1..{width} distinct channels (k larger than the layer's "
                              f"intermediate size {width}?), got {len(channels)}")
-        idx = edits.channel_index(model, layer, channels)
-        _check_reachable(model, layer)
-        self.blocks = arch.ffn_input_blocks(model, layer)
+        idx = edits.channel_index(model, layer, channels, expert)
+        _check_reachable(model, layer, expert)
+        self.blocks = experts.row_blocks(model, layer, expert)
         for b in self.blocks:
             _frozen_float(b.weight, b.name)
-        self.layer, self.channels, self.seed = layer, idx.tolist(), seed
-        self.dora = _uses_dora(model, layer)
+        self.layer, self.channels, self.seed, self.expert = layer, idx.tolist(), seed, expert
+        self.dora = _uses_dora(model, layer, expert)
         self._index = [b.index(idx.to(b.weight.device)) for b in self.blocks]
         self._saved: list[torch.Tensor] | None = None
-        self.shape = (len(idx), self.blocks[0].weight.shape[1 - self.blocks[0].dim])
+        self.shape = (len(idx), self.blocks[0].matrix.shape[1 - self.blocks[0].dim])
 
     def mask(self, p: float, step: int, index: int = 0) -> torch.Tensor:
         """The keep-mask (1 = keep) for one micro-batch: Bernoulli(1 - p), from a generator seeded by
@@ -252,11 +261,13 @@ class MacDropCallback(TrainerCallback):
     its own masks, decided by (seed, step, ``micro_index``) alone: the N x g masks of a step are those of a
     one-process run with grad_accum N x g, and a rerun or resume on any number of processes draws them again
     (the base weights are frozen and restored after each backward, so nothing needs syncing; research §6.7).
-    ``history`` holds this process's steps; ``merge_histories`` joins the processes' histories."""
+    ``history`` holds this process's steps; ``merge_histories`` joins the processes' histories. ``expert``: one
+    expert's rows of a mixture-of-experts layer, as for ``MacDrop``."""
     def __init__(self, model: nn.Module, layer: int, channels: list[int], p0: float = 0.8,
-                 schedule: str | Schedule = "step", alpha: float | None = None, seed: int = 0):
+                 schedule: str | Schedule = "step", alpha: float | None = None, seed: int = 0,
+                 expert: int | None = None):
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule, p0, alpha)
-        self.macdrop = MacDrop(model, layer, channels, seed)
+        self.macdrop = MacDrop(model, layer, channels, seed, expert)
         self.history: list[dict] = []  # per optimizer step: {"step", "p", "drop_rate", "masks"}
         self._log = _StepLog()
         self._rank, self._world = 0, 1

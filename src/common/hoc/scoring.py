@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from common.core import evaluation, models
+from common.core import evaluation, models, progress
 from common.core.cache import cached, tensor_digest
 from common.core.data import pad_id as pad_token_id
 from common.core.manifest import record
@@ -239,8 +239,8 @@ def run_grid(cfg, key: str, massive_rows: tuple[int, list[int]], tok, spec: Eval
 
     plain = tune(finetune.ARMS["lora"])
     baseline = evaluate(key, plain, layer, channels, spec, pad)
-    grid = grid_frame({name: evaluate(key, tune(arm), layer, channels, spec, pad) for name, arm in arms.items()},
-                      arms)
+    grid = grid_frame({name: evaluate(key, tune(arm), layer, channels, spec, pad)
+                       for name, arm in progress.each(f"MacDrop grid ({key})", arms.items())}, arms)
     return grid, baseline, plain.steps
 
 

@@ -44,16 +44,21 @@ def notebook_seeds(cfg: InherituneConfig) -> list[int]:
 
 
 def experiments(cfg: InherituneConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
-                seeds: list[int] | None = None, progress=None) -> list[Experiment] | None:
+                seeds: list[int] | None = None) -> list[Experiment] | None:
     """Notebook 04's experiments (``training.run_experiment``), one per training seed (default the notebook's: SEED
     ... SEED + n_seeds - 1), trained here or read from the cache. Where the profile leaves the training to this
     module's command (``train_in_notebook`` False: the paper's weeks-long recipe), only cached runs are read: None,
-    with the command to run and the planner's estimate printed, while one is missing."""
+    with the command to run and the planner's estimate printed, while one is missing. No seeds (``n_seeds`` 0: a run of
+    your own model, ``common.core.user_model``): None, said."""
     seeds = notebook_seeds(cfg) if seeds is None else seeds
+    if not seeds:
+        print("no training seeds (n_seeds = 0: your own model's run measures pretrained attention only): the sections "
+              "on the self-trained GPTs are skipped")
+        return None
 
     def run() -> list[Experiment]:
-        return [training.run_experiment(cfg.reference, s, stream, val, seed, cfg.growth_step, cfg.max_rounds,
-                                        progress=progress) for seed in seeds]
+        return [training.run_experiment(cfg.reference, s, stream, val, seed, cfg.growth_step, cfg.max_rounds)
+                for seed in seeds]
 
     if cfg.train_in_notebook:
         return run()
@@ -96,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.steps_schedule:
         select = training.val_windows(heldout, len(val), cfg.reference.block_size, shift=True)
         choice = steps.choose_steps(cfg.reference, s, stream, val, select, cfg.steps_schedule, cfg.steps_margin,
-                                    cfg.seed, progress=say)
+                                    cfg.seed)
         s = replace(s, steps=choice.steps)
         say(f"S = {choice.steps} (separated: {choice.separated})")
     run = replace(cfg, train_in_notebook=True)  # this command is where the training happens
     seeds = args.seeds or notebook_seeds(cfg)
-    for seed, exp in zip(seeds, experiments(run, s, stream, val, seeds, progress=say), strict=True):
+    for seed, exp in zip(seeds, experiments(run, s, stream, val, seeds), strict=True):
         say(f"seed {seed}: " + ", ".join(f"{n} {r.val_loss:.4f}" for n, r in exp.runs.items())
             + f"; growth {[r.n_layer for r in exp.growth.rounds]} matched={exp.growth.matched}")
 

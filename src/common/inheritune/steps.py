@@ -5,12 +5,12 @@ selection windows disjoint from the ones the claims read; ``settle_steps`` appli
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from common.core import intervals
+from common.core import intervals, progress
 from common.core.manifest import record
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune import training
@@ -27,8 +27,7 @@ class StepChoice:
 
 
 def choose_steps(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
-                 select: torch.Tensor, schedule: Sequence[int], margin: float, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> StepChoice:
+                 select: torch.Tensor, schedule: Sequence[int], margin: float, seed: int = 0) -> StepChoice:
     """The training length S of Inheritune's comparison (issue 20; Table 5's premise): "matches the reference" says
     something only where the reference is clearly better than a fresh half-depth model trained for the same steps.
     For S in ``schedule`` (increasing), train both (seed ``seed``) and stop at the first S where the 95% paired
@@ -42,13 +41,13 @@ def choose_steps(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, 
     trials = []
     for steps in schedule:
         at = replace(s, steps=steps)
-        ref = training.reference_run(ref_cfg, at, stream, val, seed, progress, data_id)
-        fresh = training.half_depth_run("random", ref_cfg, at, stream, val, seed, steps, progress, data_id)
+        ref = training.reference_run(ref_cfg, at, stream, val, seed, data_id)
+        fresh = training.half_depth_run("random", ref_cfg, at, stream, val, seed, steps, data_id)
         diff = intervals.paired_difference(training.window_losses(fresh.load(), select).numpy(),
                                            training.window_losses(ref.load(), select).numpy())
         trials.append({"steps": steps, "value": diff["value"], "ci95": diff["ci95"], "n": diff["n"]})
-        if progress:
-            progress(f"S = {steps}: random - reference {diff['value']:+.4f} {diff['ci95']} on the selection windows")
+        progress.report("Inheritune step-length trials", len(trials), len(schedule),
+                        f"S = {steps}: random - reference {diff['value']:+.4f} {diff['ci95']}")
         if diff["ci95"][0] > margin:
             return StepChoice(steps, True, trials)
     return StepChoice(schedule[-1], False, trials)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
 from common import __version__
-from common.core import profiling, timeplan
+from common.core import profiling, progress, timeplan
 from common.core.env import cache_dir, write_json_atomic
 from common.core.gpu import Shape, device, local_rank
 from common.core.profiles import GPTConfig, PretrainSettings
@@ -85,9 +85,9 @@ def lr_at(step: int, s: PretrainSettings, total: int | None = None) -> float:
         raise ValueError(f"step={step} must be >= 0 (0-based optimizer step)")
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
-    progress = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
+    frac = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
     low = s.min_lr_ratio * s.lr
-    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - low)
+    return low + 0.5 * (1 + math.cos(math.pi * frac)) * (s.lr - low)
 
 
 def make_optimizer(model: GPT, s: PretrainSettings) -> torch.optim.AdamW:
@@ -248,7 +248,7 @@ def _cached(final) -> Run:
 
 
 def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Tensor, s: PretrainSettings,
-          seed: int = 0, steps: int | None = None, progress: Callable[[str], None] | None = None,
+          seed: int = 0, steps: int | None = None,
           data_id: dict | None = None) -> Run:
     """Train ``model`` (already initialised as ``init`` describes) for ``steps`` (default ``s.steps``) with
     the recipe ``s``, or return the cached run. Resumes from the last checkpoint of an interrupted run.
@@ -306,8 +306,8 @@ def train(name: str, model: GPT, init: dict, stream: torch.Tensor, val: torch.Te
         if done % s.eval_interval == 0 or done == steps:
             last = _evaluate(model, val, rank, world)
             curve.append((done, float(last.mean())))
-            if progress and rank == 0:
-                progress(f"{name}: step {done}/{steps} val {curve[-1][1]:.4f}")
+            if rank == 0:
+                progress.report(f"train {name}", done, steps, f"val {curve[-1][1]:.4f}")
         if done % s.ckpt_interval == 0 and done < steps and rank == 0:
             _save_checkpoint(ckpt, model, opt, done, curve, seconds)
     losses = (_evaluate(model, val, rank, world) if last is None else last).tolist()  # the final step was evaluated
@@ -443,22 +443,21 @@ class Experiment:
 
 
 def reference_run(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int,
-                   progress: Callable[[str], None] | None, data_id: dict) -> Run:
+                   data_id: dict) -> Run:
     """The reference: ``ref_cfg`` freshly initialised (``seed``) and trained for ``s.steps`` (cached)."""
     model, init = random_init(ref_cfg, seed)
-    return train("reference", model, init, stream, val, s, seed, progress=progress, data_id=data_id)
+    return train("reference", model, init, stream, val, s, seed, data_id=data_id)
 
 
 def half_depth_run(name: str, ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor,
-                    seed: int, steps: int, progress: Callable[[str], None] | None, data_id: dict) -> Run:
+                    seed: int, steps: int, data_id: dict) -> Run:
     """A fresh model of half the reference's depth trained for ``steps`` (cached): Table 5's "random"."""
     target, how = random_init(GPTConfig(**{**ref_cfg.shape(), "n_layer": ref_cfg.n_layer // 2}), seed)
-    return train(name, target, how, stream, val, s, seed, steps=steps, progress=progress, data_id=data_id)
+    return train(name, target, how, stream, val, s, seed, steps=steps, data_id=data_id)
 
 
 def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor, val: torch.Tensor, seed: int = 0,
-                   growth_step: int = 2, max_rounds: int = 2, variants: tuple[str, ...] = VARIANTS,
-                   progress: Callable[[str], None] | None = None) -> Experiment:
+                   growth_step: int = 2, max_rounds: int = 2, variants: tuple[str, ...] = VARIANTS) -> Experiment:
     """Train (or load from the cache) the reference, the ``variants`` at half its depth — ``inherit_first``
     (Inheritune's initialisation), ``inherit_last`` (lazy layers, Fig. 3), ``inherit_middle`` (Table 4),
     ``random`` at S and ``random_2x`` at 2S steps (Table 5) — and the growth rounds from the first half, each
@@ -467,18 +466,17 @@ def run_experiment(ref_cfg: GPTConfig, s: PretrainSettings, stream: torch.Tensor
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     data_id = {"train": data_digest(stream), "val": data_digest(val)}  # hashed once for every run
-    ref = reference_run(ref_cfg, s, stream, val, seed, progress, data_id)
+    ref = reference_run(ref_cfg, s, stream, val, seed, data_id)
     reference = ref.load()
     half = ref_cfg.n_layer // 2
     ref_id = os.path.basename(ref.path)
 
     def inherited(which: str, n_layers: int = half, name: str = "") -> Run:
         target, how = inherit(reference, n_layers, which, seed=seed, reference_id=ref_id)
-        return train(name or f"inherit_{which}", target, how, stream, val, s, seed, progress=progress,
-                     data_id=data_id)
+        return train(name or f"inherit_{which}", target, how, stream, val, s, seed, data_id=data_id)
 
     def scratch(name: str, steps: int) -> Run:
-        return half_depth_run(name, ref_cfg, s, stream, val, seed, steps, progress, data_id)
+        return half_depth_run(name, ref_cfg, s, stream, val, seed, steps, data_id)
 
     build = {"inherit_first": lambda: inherited("first"), "inherit_last": lambda: inherited("last"),
              "inherit_middle": lambda: inherited("middle"), "random": lambda: scratch("random", s.steps),

@@ -122,7 +122,8 @@ def missing(template: str, records: list[dict]) -> list[str]:
 
 def show(notebook: str | None = None):
     """Render the active notebook's findings from its manifest as Markdown. Under a profile whose manifest
-    lacks the template's keys (``smoke`` runs other models), say so instead of printing a partial text."""
+    lacks the template's keys (``smoke`` and your own model run other models), say so instead of printing a partial
+    text."""
     from IPython.display import Markdown
 
     current = manifest.current()
@@ -130,6 +131,7 @@ def show(notebook: str | None = None):
     template = template_path(notebook).read_text()
     absent = missing(template, current.records)
     if absent:
-        return Markdown(f"*The findings are written for the `small` profile's models; this run "
-                        f"(`{current.profile}`) lacks {len(absent)} of their keys, e.g. `{absent[0]}`.*")
+        return Markdown(f"*The findings are written for the `small` profile's models; this run (`{current.profile}`, "
+                        f"models: {', '.join(current.run['models']) or 'none'}) lacks {len(absent)} of their keys, "
+                        f"e.g. `{absent[0]}`: the table below has its numbers.*")
     return Markdown(render(template, current.records))

@@ -7,6 +7,12 @@ dry run or ``FULL_GRID=True`` for notebook 03). A failing notebook keeps its exe
 ``build/``; the others still run, and the exit status is non-zero. A committed profile's finished notebook is
 published with its outputs to ``notebooks/executed/<profile>/`` (``executed.publish``).
 
+Your own model (issue 23): ``--model DIR|HUB_ID [--bos yes|no]`` checks it before any work
+(``user_model.check_user_model``), hands it to the kernels in ``REPRO_MODEL`` and runs notebooks 01, 02, 04 and 05 (the
+default; 03 and 06 are refused) on it, with the profile's data and settings; figures and manifests go to
+``figures/user/<slug>/<profile>/``, executed copies to ``build/user/<slug>/<profile>/``, and nothing is published.
+``python -m common.run`` is the same command.
+
 It says where it is (issue 22): a start line per notebook with the time its last committed run took; while it
 runs, papermill's bar on a terminal, else a heartbeat every ``HEARTBEAT_S`` seconds (cell k of N, elapsed, the
 cell's first line, read from papermill's autosaved copy); at the end a table of each notebook's time against the
@@ -18,13 +24,16 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.core.profiles import PROFILE_NAMES, is_dry_run, run_name
+from common.core import progress, user_model
+from common.core.profiles import PROFILE_NAMES, is_dry_run, load_config, run_name
 from common.reporting import executed
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -57,8 +66,17 @@ def parse_param(text: str) -> tuple[str, object]:
 
 
 def _manifest(path: Path, profile: str) -> Path:
-    """Where notebook ``path``'s run of ``profile`` writes its manifest."""
+    """Where notebook ``path``'s run of ``profile`` writes its manifest (your own model's: its config's ``out_dir``)."""
+    if user_model.requested():
+        return load_config(path.stem, profile).out_dir / "manifest.json"
     return FIGURES / run_name(profile) / path.stem / "manifest.json"
+
+
+def executed_copy(path: Path, profile: str) -> Path:
+    """Where papermill writes notebook ``path``'s executed copy: ``build/<run_name>/``, or your own model's
+    ``build/user/<slug>/<run_name>/``."""
+    key, run = user_model.requested_key(), run_name(profile)
+    return (user_model.out_root(key, run, REPO_ROOT / "build") if key else REPO_ROOT / "build" / run) / path.name
 
 
 def expected_seconds(path: Path, profile: str) -> float | None:
@@ -73,9 +91,26 @@ def _minutes(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def progress_file(out: Path) -> Path:
+    """Where the kernel's library loops write their latest progress line (``common.core.progress``)."""
+    return out.with_suffix(".progress")
+
+
+def _loop_line(out: Path, cell: dict) -> str:
+    """The library's latest progress line, if it was written while ``cell`` ran (else "": it is an earlier cell's)."""
+    line, path = progress.latest(progress_file(out)), progress_file(out)
+    started = cell.get("metadata", {}).get("papermill", {}).get("start_time")
+    try:
+        fresh = started and path.stat().st_mtime >= datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp()
+    except (OSError, ValueError):
+        return ""
+    return f" | {line}" if line and fresh else ""
+
+
 def where(out: Path, elapsed: float) -> str | None:
     """A heartbeat from papermill's autosaved ``out``: the running (else the last finished) code cell as ``cell k
-    of N``, the elapsed time and the cell's first line; None before papermill has written it."""
+    of N``, the elapsed time and the cell's first line, then the library's latest progress line from that cell
+    (``progress_file``); None before papermill has written it."""
     try:
         cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
     except (OSError, ValueError, KeyError):
@@ -88,7 +123,8 @@ def where(out: Path, elapsed: float) -> str | None:
             return None
         k = done[-1]
     first = next((line for line in "".join(cells[k]["source"]).splitlines() if line.strip()), "")
-    return f"cell {k + 1} of {len(cells)}, {int(elapsed // 60)}:{int(elapsed % 60):02d} elapsed: {first[:80]}"
+    return (f"cell {k + 1} of {len(cells)}, {int(elapsed // 60)}:{int(elapsed % 60):02d} elapsed: {first[:80]}"
+            + _loop_line(out, cells[k]))
 
 
 class Heartbeat(threading.Thread):
@@ -112,11 +148,13 @@ def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None
     the cells; otherwise a heartbeat every ``heartbeat`` seconds (None: quiet)."""
     import papermill as pm
 
-    out = REPO_ROOT / "build" / run_name(profile) / path.name
+    out = executed_copy(path, profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tty = sys.stdout.isatty()
     beat = Heartbeat(out, path.stem[:2], heartbeat) if heartbeat and not tty else None
     out.unlink(missing_ok=True)  # the heartbeat reads this run's copy only
+    progress_file(out).unlink(missing_ok=True)
+    os.environ[progress.FILE_VAR] = str(progress_file(out))  # the kernel inherits it: loops report there, not to stderr
     start = time.perf_counter()
     if beat:
         beat.start()
@@ -130,12 +168,28 @@ def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None
         print(f"FAILED {path.name}: {err.ename}: {err.evalue} (executed copy: {out.relative_to(REPO_ROOT)})")
         ok = False
     finally:
+        os.environ.pop(progress.FILE_VAR, None)
         if beat:
             beat.done.set()
             beat.join()
-    if ok and profile != "smoke" and not is_dry_run(profile):
+    if ok and profile != "smoke" and not is_dry_run(profile) and not user_model.requested():
         executed.publish(out, _manifest(path, profile), executed.EXECUTED / run_name(profile) / path.name)
     return ok, time.perf_counter() - start
+
+
+def use_model(ref: str | None, bos: str | None, numbers: list[str]) -> list[str]:
+    """Check your own model ``ref`` before any work and hand it to the notebooks (``user_model.activate``); returns
+    the notebook numbers to run. Any problem (03 / 06 asked, bad input, too large) exits with its message."""
+    if ref is None:
+        raise SystemExit("--bos goes with --model: it overrides your own model's BOS policy")
+    try:
+        numbers = user_model.notebook_numbers(numbers)
+    except ValueError as err:
+        raise SystemExit(f"--model {ref}: {err}") from err
+    user = user_model.check_cli(ref, bos)
+    user_model.activate(user)
+    print(user.summary(), flush=True)
+    return numbers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,10 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="another notebook parameter (repeatable), e.g. STEPS=20")
+    parser.add_argument("--model", metavar="DIR|HUB_ID",
+                        help="your own model: a save_pretrained directory or a hub id in the local hub cache; runs "
+                             "notebooks 01, 02, 04, 05 on it (the default with --model)")
+    parser.add_argument("--bos", choices=("yes", "no"),
+                        help="with --model: whether every sequence starts with BOS (default: the tokenizer's policy)")
     args = parser.parse_args(argv)
     params = dict(parse_param(p) for p in args.param)
+    numbers = use_model(args.model, args.bos, args.notebooks) if args.model or args.bos else args.notebooks
     failed, rows = [], []
-    for nb in select_notebooks(args.notebooks):
+    for nb in select_notebooks(numbers):
         expected = expected_seconds(nb, args.profile)
         print(f"start  {nb.stem} (profile {args.profile}): expected {_minutes(expected)} (its last committed run)",
               flush=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.core import arch, intervals
+from common.core import arch, intervals, progress
 from common.core.hooks import hooked
 from common.core.layer_inputs import LayerInputs
 from common.core.manifest import record
@@ -367,7 +367,7 @@ def gather_layer_moments(modules: dict[str, nn.Module], inputs: LayerInputs, i: 
 
 def decompose_model(model: nn.Module, calibration: torch.Tensor, layers: Sequence[int] | None = None,
                     batch_size: int = 8, keep: int | None = None, cache: Path | None = None,
-                    exclude_first: bool = False, progress: Callable | None = None) -> dict[str, Decomposition]:
+                    exclude_first: bool = False) -> dict[str, Decomposition]:
     """Statistics and decompositions of every target in ``layers`` (default all), gathered on the dense model
     one layer at a time from cached layer inputs (D5) over ``calibration`` [N, T] windows.
 
@@ -403,8 +403,7 @@ def decompose_model(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
             if cache is not None:
                 _save_layer(cache / f"layer_{i:02d}.safetensors", decomps)
             out.update({d.target.path: d for d in decomps})
-            if progress:
-                progress(i)
+            progress.report("SFSD decomposition (layers)", todo.index(i) + 1, len(todo))
         if i < max(todo):
             inputs.advance()
     return {t.path: out[t.path] for t in targets(model, wanted)}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from common.core import progress
 from common.core.cache import tensor_digest
 from common.core.env import write_json_atomic
 from common.core.evaluation import MultipleChoice
@@ -89,7 +90,7 @@ def _smallest_passing(grid: list[int], passes: Callable[[int], bool], scan: str)
 
 def _run_search(model: nn.Module, decomps: dict[str, Decomposition], method: str, order: list[Target],
                 state: SearchState, decide: Callable[[Target, int, dict[str, int]], tuple[int | None, dict, float]],
-                state_path: Path | None, progress: Callable | None) -> SearchState:
+                state_path: Path | None) -> SearchState:
     done = {s["path"] for s in state.steps}
     for m, t in enumerate(order, start=1):
         if t.path in done:
@@ -100,15 +101,13 @@ def _run_search(model: nn.Module, decomps: dict[str, Decomposition], method: str
                             "kappa": decomps[t.path].kappa, "tried": tried, "bound": bound,
                             "share": model_share(model, decomps, ranks, method)})
         state.save(state_path)
-        if progress:
-            progress(m, len(order))
+        progress.report(f"SFSD {method} search (modules)", m, len(order))
     return state
 
 
 def perplexity_search(model: nn.Module, decomps: dict[str, Decomposition], inputs: LayerInputs,
                       method: str = "feature", tolerance: float = TOLERANCE, protected: int | None = None,
-                      scan: str = "linear", cached_prefix: bool = True, state_path: Path | None = None,
-                      progress: Callable | None = None) -> SearchState:
+                      scan: str = "linear", cached_prefix: bool = True, state_path: Path | None = None) -> SearchState:
     """The perplexity-driven surgical search (§1.8): for the m-th module visited (back to front), the
     smallest grid rank with ppl <= base x tolerance^m on ``inputs`` (the search split), else dense.
 
@@ -137,13 +136,13 @@ def perplexity_search(model: nn.Module, decomps: dict[str, Decomposition], input
 
         return _smallest_passing(rank_grid(decomps[t.path].kappa), passes, scan), tried, bound
 
-    return _run_search(model, decomps, method, search_order(decomps, protected), state, decide, state_path, progress)
+    return _run_search(model, decomps, method, search_order(decomps, protected), state, decide, state_path)
 
 
 def task_search(model: nn.Module, decomps: dict[str, Decomposition], chunks: Sequence[MultipleChoice],
                 split: MultipleChoice, method: str = "feature", delta: float = 0.0, protected: int | None = None,
-                layers: Sequence[int] | None = None, scan: str = "linear", state_path: Path | None = None,
-                progress: Callable | None = None) -> SearchState:
+                layers: Sequence[int] | None = None, scan: str = "linear",
+                state_path: Path | None = None) -> SearchState:
     """The task-specific surgical search (§1.7): per module, on each chunk the smallest grid rank whose
     accuracy is >= the dense chunk accuracy - ``delta`` (none: kappa); the module takes the max over
     chunks, and is kept only if that rank < kappa and the accuracy on the whole search ``split`` stays >=
@@ -181,4 +180,4 @@ def task_search(model: nn.Module, decomps: dict[str, Decomposition], chunks: Seq
         keep = tried[f"split:{rank}"] >= state.base["split"] - delta - 1e-12
         return (rank if keep else None), tried, state.base["split"] - delta
 
-    return _run_search(model, decomps, method, order, state, decide, state_path, progress)
+    return _run_search(model, decomps, method, order, state, decide, state_path)

@@ -6,17 +6,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_families import FAMILY_NAMES, HIDDEN, INTER, N_LAYERS, VOCAB, hooked_forward
+from tiny_families import ALL_FAMILIES as FAMILY_NAMES
+from tiny_families import HIDDEN, INFERRED, INTER, N_LAYERS, VOCAB, hooked_forward
 from torch import nn
 
 from common.core import arch
 
-GATED = tuple(f for f in FAMILY_NAMES if f != "gpt2")
-POST_NORM = ("gemma2", "gemma3_text")
+GATED = tuple(f for f in FAMILY_NAMES if f in INFERRED or arch.FAMILIES[f].gate or arch.FAMILIES[f].gate_up)
+POST_NORM = ("gemma2", "gemma3_text", "olmo2")
 
 
 def _inter_size(family: str) -> int:
-    return 4 * HIDDEN if family == "gpt2" else INTER
+    return 4 * HIDDEN if family in ("gpt2", "bloom") else INTER  # their configs have no FFN width of their own
 
 
 def _ids(seed: int = 0, shape=(2, 8)) -> torch.Tensor:
@@ -38,7 +39,8 @@ def _io(module: nn.Module, model: nn.Module, ids: torch.Tensor) -> tuple[torch.T
 
     def hook(_m, args, kwargs, out):
         seen["in"] = args[0] if args else kwargs["hidden_states"]
-        seen["out"] = out[0] if isinstance(out, tuple) else out
+        # a copy: Falcon adds the attention output into its MLP's output in place afterwards
+        seen["out"] = (out[0] if isinstance(out, tuple) else out).clone()
 
     h = module.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -49,7 +51,7 @@ def _io(module: nn.Module, model: nn.Module, ids: torch.Tensor) -> tuple[torch.T
     return seen["in"], seen["out"]
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in INFERRED])
 def test_arch_of_uses_model_type(make_tiny, family: str) -> None:
     """The accessor entry is the table row of the model's ``config.model_type``."""
     model = make_tiny(family)
@@ -83,14 +85,16 @@ def test_backbone_output_is_final_hidden_state(make_tiny, family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_attention_mlp_postnorm_make_up_the_residual_update(make_tiny, family: str) -> None:
-    """layer_out = layer_in + attn_branch + ffn_branch, with the branches read from ``attention()``/``mlp()``
-    (through the post-norms where the family has them): the accessors point at the right modules."""
+    """layer_out = layer_in + attn_branch + ffn_branch, with the branches read from ``attention_output()`` and
+    ``ffn_output()`` (through the post-norms where the family has them): the accessors point at the right
+    modules, in sequential and parallel (GPT-NeoX, Falcon, Phi, GPT-J, Cohere) layers alike."""
     model, ids = make_tiny(family), _ids(1)
     for i in range(N_LAYERS):
         layer = arch.layers(model)[i]
         x_in, x_out = _io(layer, model, ids)
-        _, attn = _io(arch.attention(model, i), model, ids)
-        _, ffn = _io(arch.mlp(model, i), model, ids)
+        _, attn = _io(arch.attention_output(model, i), model, ids)
+        _, ffn = _io(arch.ffn_output(model, i), model, ids)
+        ffn = ffn.view_as(attn)  # OPT's FFN runs on its tokens flattened to [B * T, d]
         if family in POST_NORM:
             with torch.no_grad():
                 attn = layer.post_attention_layernorm(attn)

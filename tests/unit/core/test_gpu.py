@@ -43,7 +43,8 @@ def test_device_map_one_gpu_when_it_fits_spread_only_when_it_must(monkeypatch) -
 
 def test_weight_dtype_policy() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert gpu.weight_dtype("hub", cuda) == torch.bfloat16
+    assert gpu.weight_dtype("hub", cuda) == gpu.weight_dtype("local", cuda) == torch.bfloat16  # local: your own model
+    assert gpu.weight_dtype("local", cpu) == torch.float32
     assert gpu.weight_dtype("hub", cpu) == gpu.weight_dtype("gguf", cuda) == torch.float32
     assert gpu.STATISTICS_DTYPE == torch.float32
 

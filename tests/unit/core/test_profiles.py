@@ -72,6 +72,30 @@ def test_out_dir_smoke_vs_committed() -> None:
         assert profiles.load_config(NB, profile).out_dir == REPO_ROOT / "figures" / profile / NB
 
 
+def test_your_own_model_replaces_the_profiles(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """REPRO_MODEL: every model field of notebooks 01, 02, 04, 05 names its key, the profile's other settings stay,
+    outputs go under figures/user/<slug>/<profile>/, and notebook 04 trains no GPT (no seeds, no step schedule: its
+    sections on the self-trained GPTs are skipped, tests/unit/inheritune). Nothing is loaded or checked here."""
+    (tmp_path / "My_Model").mkdir()
+    monkeypatch.setenv("REPRO_MODEL", str(tmp_path / "My_Model"))
+    key = "user-my-model"
+    for nb, fields in (("01_massive_activation_origin", ()), ("02_massive_weight_ablation", ("sweep_model",)),
+                       ("04_attention_degeneration_inheritune", ("example_model",)),
+                       ("05_lowrank_decomposition", ("search_model",))):
+        for profile in ("smoke", "small"):
+            cfg, base = profiles.load_config(nb, profile), profiles.PROFILES[profile][nb]
+            assert cfg.models == (key,) and all(getattr(cfg, f) == key for f in fields) and cfg.user_model == key
+            assert cfg.corpus == base.corpus and cfg.batch_size == base.batch_size
+            assert cfg.out_dir == REPO_ROOT / "figures" / "user" / "my-model" / profile / nb
+    nb04 = profiles.load_config("04_attention_degeneration_inheritune", "small")
+    assert (nb04.n_seeds, nb04.steps_schedule) == (0, ())
+    for nb in ("03_macdrop_finetuning", "06_synthesis"):
+        with pytest.raises(ValueError, match="does not run on your own model"):
+            profiles.load_config(nb, "small")
+    monkeypatch.delenv("REPRO_MODEL")
+    assert profiles.load_config(NB, "small").user_model == ""
+
+
 def test_seed_everything() -> None:
     """Python, numpy and torch draws repeat after re-seeding and differ for another seed."""
     def draws():

@@ -69,6 +69,7 @@ def test_apply_style_and_names() -> None:
     assert style.display_name("unregistered") == "unregistered"
     assert set(style.MODEL_COLORS) == set(models.REGISTRY)
     assert style.MODEL_COLORS["tiny-llama"] != style.MODEL_COLORS["tiny-gpt2"]
+    assert style.MODEL_COLORS["user-x"] in style.PALETTE and "user-x" not in style.MODEL_COLORS  # your own model
 
 
 def test_manifest_is_world_readable_and_lists_figures_once(tmp_path: Path) -> None:

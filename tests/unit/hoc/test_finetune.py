@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from common.core import progress
 from common.core.profiles import load_config
 from common.hoc import finetune, paper
 
@@ -34,3 +38,13 @@ def test_record_training(records) -> None:
     assert recs["m/macdrop/lora/train_seconds_s0"]["volatile"] is True
     assert abs(recs["m/macdrop/lora_macdrop/drop_rate_max_error"]["value"] - 0.05) < 1e-12  # seed 0's history
     assert "m/macdrop/lora/drop_rate_max_error" not in recs
+
+
+def test_step_progress_reports_process_zeros_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fine-tune's progress callback reports the global step of ``max_steps`` on process 0 only."""
+    seen = []
+    monkeypatch.setattr(progress, "report", lambda task, done, total=None, note="": seen.append((task, done, total)))
+    cb = finetune.StepProgress("fine-tune x lora seed 0")
+    for zero in (True, False):
+        cb.on_step_end(None, SimpleNamespace(is_world_process_zero=zero, global_step=3, max_steps=8), None)
+    assert seen == [("fine-tune x lora seed 0", 3, 8)]

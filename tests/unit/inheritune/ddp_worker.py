@@ -12,6 +12,7 @@ import sys
 import torch
 from accelerate import PartialState
 
+from common.core import progress
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune import training
 
@@ -26,13 +27,14 @@ def run() -> training.Run:
     val = training.val_windows(STREAM, SETTINGS.n_val, CFG.block_size)
     model, init = training.random_init(CFG, 3)
 
-    def progress(line: str) -> None:
-        print(line, flush=True)
-        if kill_at is not None and line.split()[2] == f"{kill_at}/{SETTINGS.steps}":
+    def report(task: str, done: int, total: int | None = None, note: str = "") -> None:
+        print(f"tiny: step {done}/{total} {note}", flush=True)  # every evaluation, unthrottled
+        if kill_at is not None and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     kill_at = int(sys.argv[1]) if len(sys.argv) > 1 and __name__ == "__main__" else None
-    return training.train("tiny", model, init, STREAM, val, SETTINGS, seed=1, progress=progress)
+    progress.report = report  # the library's one progress channel (process 0 reports)
+    return training.train("tiny", model, init, STREAM, val, SETTINGS, seed=1)
 
 
 if __name__ == "__main__":

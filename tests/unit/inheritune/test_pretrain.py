@@ -123,3 +123,14 @@ def test_where_the_profile_leaves_training_to_the_launcher_only_cached_runs_are_
     (read,) = pretrain.experiments(launcher, cfg.train, stream, val)
     assert {n: r.window_losses for n, r in read.runs.items()} == {n: r.window_losses for n, r in trained[0].runs.items()}
     assert [r.n_layer for r in read.growth.rounds] == [r.n_layer for r in trained[0].growth.rounds]
+
+
+def test_your_own_model_trains_no_gpt(monkeypatch, capsys) -> None:
+    """Notebook 04 on your own model (``n_seeds`` 0, no step schedule): no seeds, ``experiments`` trains nothing and
+    returns None (the notebook's skip path), saying so."""
+    monkeypatch.setenv("REPRO_MODEL", "/nowhere/mine")
+    cfg = load_config(pretrain.NOTEBOOK, "smoke")
+    monkeypatch.setattr(training, "step_batches", lambda *a, **k: pytest.fail("trained a GPT for your own model"))
+    assert pretrain.notebook_seeds(cfg) == [] and not cfg.steps_schedule
+    assert pretrain.experiments(cfg, cfg.train, torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 32)) is None
+    assert "self-trained GPTs are skipped" in capsys.readouterr().out

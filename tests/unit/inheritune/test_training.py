@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.core import arch, data, evaluation, manifest, profiles, timeplan
+from common.core import arch, data, evaluation, manifest, profiles, progress, timeplan
 from common.core.gpu import Shape
 from common.core.profiles import GPTConfig, PretrainSettings
 from common.inheritune import paper, results, training
@@ -511,19 +511,20 @@ def test_cache_only_returns_cached_runs_and_refuses_to_train(tmp_path, monkeypat
 
 
 def test_interrupted_training_resumes_bit_identically(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """Interrupt a run (raise from ``progress`` at step 6, after the step-4 checkpoint), call ``train`` again:
+    """Interrupt a run (raise from ``progress.report`` at step 6, after the step-4 checkpoint), call ``train`` again:
     it loads the checkpoint with ``weights_only=True``, draws only steps 4-7, and ends with the same curve and
     per-window losses as an uninterrupted run in another cache directory."""
     s = _settings(steps=8, eval_interval=2, ckpt_interval=2)
     stream, val = _pattern(), training.val_windows(_pattern(), 4, 16)
 
-    def interrupt(msg: str) -> None:
-        if "step 6/" in msg:
+    def interrupt(task: str, done: int, total: int | None = None, note: str = "") -> None:
+        if done == 6:
             raise KeyboardInterrupt
 
     model, init = training.random_init(_cfg(), 0)
-    with pytest.raises(KeyboardInterrupt):
-        training.train("r", model, init, stream, val, s, progress=interrupt)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(progress, "report", interrupt)
+        training.train("r", model, init, stream, val, s)
     ckpts = list((tmp_path / "cache" / "inheritune").glob("*.work/ckpt.pt"))
     assert len(ckpts) == 1
     assert torch.load(ckpts[0], weights_only=True)["step"] == 4

@@ -1,13 +1,22 @@
 """The papermill driver: a failing notebook keeps its executed copy with the traceback, the others still
-run, and the exit status is non-zero."""
+run, and the exit status is non-zero; your own model (``--model``) is checked before any work, runs notebooks 01, 02,
+04 and 05 only, writes under figures/user/ and build/user/, publishes nothing, and works end to end offline."""
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import nbformat
 import pytest
+from user_models import save_tiny_llama, using
 
+import common.run
 from common import REPO_ROOT
-from common.reporting import run
+from common.core import progress, user_model
+from common.reporting import executed, run
 
 
 def _notebook(path, source: str) -> None:
@@ -91,6 +100,40 @@ def test_heartbeat_reads_the_running_cell_from_papermills_copy(tmp_path):
     assert run.where(path, 5.0) == "cell 2 of 3, 0:05 elapsed: # train"
 
 
+def test_heartbeat_adds_the_running_cells_library_progress(tmp_path, monkeypatch):
+    """The library's latest progress line (``common.core.progress``, written to ``progress_file``) follows the cell
+    it was written in; a line from before the running cell started is an earlier cell's, and is left out."""
+    monkeypatch.delenv(progress.QUIET_VAR, raising=False)  # make test-unit runs quiet
+    path = tmp_path / "out.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "decompose()", metadata={"papermill": {"status": "running", "start_time": "2026-01-01T00:00:00.000000Z"}})])
+    nbformat.write(nb, path)
+    assert run.where(path, 1.0) == "cell 1 of 1, 0:01 elapsed: decompose()"
+    monkeypatch.setenv(progress.FILE_VAR, str(run.progress_file(path)))
+    progress.report("SFSD decomposition (layers)", 1, 30)
+    assert run.where(path, 1.0) == "cell 1 of 1, 0:01 elapsed: decompose() | SFSD decomposition (layers): 1/30"
+    nb.cells[0].metadata["papermill"]["start_time"] = "2999-01-01T00:00:00Z"
+    nbformat.write(nb, path)
+    assert run.where(path, 1.0) == "cell 1 of 1, 0:01 elapsed: decompose()"
+
+
+def test_heartbeats_carry_the_kernels_loop_progress(notebook_dir, capsys, monkeypatch):
+    """End to end: a cell whose loop reports through ``common.core.progress`` in the kernel shows its latest line in
+    the runner's heartbeats, and nothing of it lands in the executed notebook."""
+    monkeypatch.delenv(progress.QUIET_VAR, raising=False)
+    _notebook(notebook_dir / "96_loops.ipynb", "import time\nfrom common.core import progress\n"
+              "for i in progress.each('loop', range(5)):\n    time.sleep(0.6)")
+    out = REPO_ROOT / "build" / "smoke" / "96_loops.ipynb"
+    try:
+        ok, _ = run.run_notebook(notebook_dir / "96_loops.ipynb", "smoke", 0, heartbeat=0.5)
+        executed = out.read_text()
+    finally:
+        out.unlink(missing_ok=True)
+        run.progress_file(out).unlink(missing_ok=True)
+    beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  96: cell 3 of 3")]
+    assert ok and any(" | loop: " in line for line in beats) and "loop: " not in executed
+
+
 def test_a_long_cell_gets_heartbeats_when_the_output_is_not_a_terminal(notebook_dir, capsys):
     """A notebook whose cell sleeps 2.5 s, with a 0.5 s heartbeat: several lines naming that cell (the last of 3
     code cells: the parameters, papermill's injected ones, the sleep)."""
@@ -101,3 +144,75 @@ def test_a_long_cell_gets_heartbeats_when_the_output_is_not_a_terminal(notebook_
         (REPO_ROOT / "build" / "smoke" / "97_sleeps.ipynb").unlink(missing_ok=True)
     beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  97: cell 3 of 3")]
     assert ok and len(beats) >= 2 and beats[0].endswith("import time")
+
+
+# ------------------------------------------------------------------------------------------ your own model
+
+
+def _forget(key: str) -> None:
+    """Remove what a run of your own model ``key`` wrote into the repository (git-ignored folders)."""
+    for root in ("figures", "build"):
+        user = REPO_ROOT / root / "user"
+        shutil.rmtree(user / key.removeprefix(user_model.PREFIX), ignore_errors=True)
+        if user.is_dir() and not any(user.iterdir()):
+            user.rmdir()
+
+
+def test_common_run_is_the_same_command() -> None:
+    assert common.run.main is run.main
+
+
+def test_your_own_model_is_refused_before_any_work(tmp_path, monkeypatch):
+    """03 / 06 are refused with why (before the model is even looked at); --bos needs --model; a bad model exits
+    with its check's message; papermill never starts."""
+    monkeypatch.setattr(run, "run_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    with pytest.raises(SystemExit, match="03 fine-tunes"):
+        run.main(["03", "--model", str(tmp_path / "not-there")])
+    with pytest.raises(SystemExit, match="--bos goes with --model"):
+        run.main(["01", "--bos", "yes"])
+    with using(monkeypatch, "unset"), pytest.raises(SystemExit, match=rf"--model {tmp_path}: .*no config.json"):
+        run.main(["--model", str(tmp_path), "--profile", "smoke"])
+
+
+def test_your_own_models_run_writes_under_user_and_publishes_nothing(notebook_dir, tmp_path, monkeypatch, capsys):
+    """On a committed profile the run of your own model goes to build/user/<slug>/<profile>/ and is not published;
+    the model's check is printed first."""
+    tiny = save_tiny_llama(tmp_path / "tiny-run-test")
+    monkeypatch.setattr(executed, "publish", lambda *a: pytest.fail("published a run of your own model"))
+    with using(monkeypatch, "unset"):
+        try:
+            assert run.main(["99", "--model", str(tiny), "--profile", "small"]) == 0
+            out = REPO_ROOT / "build" / "user" / "tiny-run-test" / "small" / "99_works.ipynb"
+            assert run.executed_copy(notebook_dir / "99_works.ipynb", "small") == out
+            assert "profile small" in json.dumps(json.loads(out.read_text()))
+            nb01 = run.NOTEBOOK_DIR / "01_massive_activation_origin.ipynb"  # the planted folder has no 01
+            assert run._manifest(nb01, "small") == (user_model.out_root("user-tiny-run-test", "small") / nb01.stem
+                                                    / "manifest.json")
+        finally:
+            _forget("user-tiny-run-test")
+    said = capsys.readouterr().out
+    assert said.startswith("your own model user-tiny-run-test: llama from") and "BOS prepended (detected)" in said
+
+
+def test_your_own_model_end_to_end_offline(tmp_path):
+    """A tiny Llama with a planted massive weight, saved with save_pretrained, through notebook 01 on smoke in a
+    fresh process, offline: its manifest lands under figures/user/<slug>/smoke/, records the weights' sha256 and
+    finds the planted layer."""
+    tiny = save_tiny_llama(tmp_path / f"tiny-e2e-{os.getpid()}")
+    key = user_model.key_for(str(tiny))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPRO_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", REPRO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1",
+               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    try:
+        done = subprocess.run([sys.executable, "-m", "common.reporting.run", "01", "--model", str(tiny), "--profile",
+                               "smoke"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        path = user_model.out_root(key, "smoke") / "01_massive_activation_origin" / "manifest.json"
+        m = json.loads(path.read_text())
+    finally:
+        _forget(key)
+    sha = hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
+    assert m["profile"] == "smoke" and m["run"]["models"] == {key: f"sha256:{sha}"}
+    assert m["run"]["user_model"]["sha256"] == sha and m["run"]["user_model"]["prepend_bos"]
+    records = {r["key"]: r["value"] for r in m["records"]}
+    assert records[f"{key}/massive_layer"] == 1 and records[f"{key}/massive_channels"][0] == 37

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tiny_families import sharpen, single_thread
 from torch import nn
 
-from common.core import data, evaluation, layer_inputs, models, tasks
+from common.core import data, evaluation, layer_inputs, models, progress, tasks
 from common.sfsd import budgets, decomposition, experiments, lowrank, search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,12 +253,13 @@ def test_search_state_resume(sharp, tmp_path, monkeypatch):
     real = inputs.perplexity
     monkeypatch.setattr(inputs, "perplexity", lambda start=0: calls.append(start) or real(start))
 
-    def stop_after_3(m, total):
+    def stop_after_3(task, m, total=None, note=""):
         if m == 3:
             raise _Interrupt
 
+    monkeypatch.setattr(progress, "report", stop_after_3)
     with pytest.raises(_Interrupt):
-        search.perplexity_search(model, decomps, inputs, "feature", 1.03, 2, state_path=path, progress=stop_after_3)
+        search.perplexity_search(model, decomps, inputs, "feature", 1.03, 2, state_path=path)
     saved = json.loads(path.read_text())
     assert saved["steps"] == reference.steps[:3]
     first = sum(len(s["tried"]) for s in reference.steps[:3])
@@ -266,8 +267,8 @@ def test_search_state_resume(sharp, tmp_path, monkeypatch):
 
     calls.clear()
     seen = []
-    state = search.perplexity_search(model, decomps, inputs, "feature", 1.03, 2, state_path=path,
-                                      progress=lambda m, total: seen.append(m))
+    monkeypatch.setattr(progress, "report", lambda task, m, total=None, note="": seen.append(m))
+    state = search.perplexity_search(model, decomps, inputs, "feature", 1.03, 2, state_path=path)
     assert state.steps == reference.steps and state.base == reference.base
     assert seen == list(range(4, 15))  # modules 1-3 not visited again
     assert len(calls) == sum(len(s["tried"]) for s in reference.steps[3:])  # neither base nor 1-3 re-scored
