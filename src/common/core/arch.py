@@ -12,6 +12,7 @@ its experts' rows.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,9 @@ def _ungated(backbone: str, layers: str, attn: str, mlp: str, up: str, down: str
 
 
 def _moe(mlp: str = "mlp") -> Arch:
-    """Llama attention with a mixture-of-experts FFN under ``mlp.experts``."""
-    return Arch("model", "layers", "self_attn", mlp, "", "", "", experts="experts")
+    """Llama attention with a mixture-of-experts FFN under ``mlp.experts``; a dense layer among them (Qwen-MoE's
+    ``mlp_only_layers``) has Llama's gated projections."""
+    return Arch("model", "layers", "self_attn", mlp, "up_proj", "gate_proj", "down_proj", experts="experts")
 
 
 _LLAMA = _gated()
@@ -107,7 +109,8 @@ _GATED = ("gate_proj", "up_proj", "down_proj")
 _PAIRS = (("up_proj", "down_proj"), ("c_fc", "c_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"),
           ("dense_h_to_4h", "dense_4h_to_h"))
 _FINAL = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
-_INFERRED: dict[tuple[type, str], Arch] = {}
+_INFERRED: weakref.WeakKeyDictionary[nn.Module, Arch] = weakref.WeakKeyDictionary()  # per model instance
+_SAID: set[tuple[type, str, str]] = set()  # (class, model_type, layout) told once per process
 
 
 def _children(module: nn.Module) -> list[str]:
@@ -154,10 +157,16 @@ def infer_arch(model: nn.Module) -> Arch | None:
     names = _children(layer)
     attn = next((n for n in _ATTN if n in names), None)
     mlp = next((n for n in _FFN if n in names), "")
-    ffn = layer.get_submodule(mlp) if mlp else layer
+    ffns = [other.get_submodule(mlp) if mlp else other for other in body.get_submodule(stack)]
+    kinds = {tuple(_children(f)) for f in ffns}
+    moe = [f for f in ffns if hasattr(f, "experts")]
+    if moe and all(all(hasattr(f, n) for n in _GATED) for f in ffns if f not in moe):
+        ffn = moe[0]  # MoE layers among gated dense ones (DeepSeek's first dense layers): one MoE entry serves both
+    elif len(kinds) == 1:
+        ffn = ffns[0]
+    else:
+        return None  # layers of different FFN layouts that no one entry describes
     inside = _children(ffn)
-    if any(_children(other.get_submodule(mlp) if mlp else other) != inside for other in body.get_submodule(stack)):
-        return None  # layers of different FFN layouts (dense and MoE layers mixed): one entry cannot describe them
     parent = stack.rpartition(".")[0]  # OPT: the final norm sits beside the layers, under model.decoder
     final = next((f"{parent}.{n}".lstrip(".") for n in _FINAL if n in _children(body.get_submodule(parent))), None)
     if attn is None or final is None:
@@ -165,7 +174,7 @@ def infer_arch(model: nn.Module) -> Arch | None:
     common = dict(post_ffn_norm="post_feedforward_layernorm" if "post_feedforward_layernorm" in names else "",
                   norm_offset=_probe_offset(body.get_submodule(final)), final_norm=final)
     if mlp and "experts" in inside:
-        return Arch(prefix, stack, attn, mlp, "", "", "", experts="experts", **common)
+        return Arch(prefix, stack, attn, mlp, "up_proj", "gate_proj", "down_proj", experts="experts", **common)
     if "gate_up_proj" in inside and "down_proj" in inside:
         return Arch(prefix, stack, attn, mlp, "", "", "down_proj", gate_up="gate_up_proj", **common)
     if all(n in inside for n in _GATED):
@@ -196,24 +205,27 @@ def _describe(model: nn.Module) -> str:
 
 def arch_of(model: nn.Module) -> Arch:
     """The accessor entry for ``model``: the table's row for ``config.model_type``, else the layout inferred
-    from its modules (said once per model class), else a NotImplementedError listing what was found."""
+    from its modules (said once per model class and layout), else a NotImplementedError listing what was found."""
     model = unwrap(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    key = (type(model), str(model_type))
-    if key not in _INFERRED:
-        inferred = infer_arch(model)
-        if inferred is None:
-            raise NotImplementedError(
-                f"no accessors for model_type {model_type!r}; known families: {', '.join(FAMILIES)}. No known "
-                f"layout matches its modules: {_describe(model)}. Add one entry to common.core.arch.FAMILIES, "
-                f"e.g. FAMILIES[{model_type!r}] = Arch(backbone, layers, attn, mlp, up, gate, down, ...)")
+    if model in _INFERRED:  # per instance: one class can take different layouts by config (dense first layers)
+        return _INFERRED[model]
+    inferred = infer_arch(model)
+    if inferred is None:
+        raise NotImplementedError(
+            f"no accessors for model_type {model_type!r}; known families: {', '.join(FAMILIES)}. No known "
+            f"layout matches its modules: {_describe(model)}. Add one entry to common.core.arch.FAMILIES, "
+            f"e.g. FAMILIES[{model_type!r}] = Arch(backbone, layers, attn, mlp, up, gate, down, ...)")
+    said = (type(model), str(model_type), inferred.layout)
+    if said not in _SAID:
+        _SAID.add(said)
         print(f"common.core.arch: model_type {model_type!r} is not in the table; inferred a {inferred.layout} "
               f"layout from its modules ({inferred.backbone}.{inferred.layers}[i].{inferred.mlp or '<layer>'})",
               file=sys.stderr)
-        _INFERRED[key] = inferred
-    return _INFERRED[key]
+    _INFERRED[model] = inferred
+    return inferred
 
 
 def _get(obj: nn.Module, path: str) -> nn.Module:
@@ -311,7 +323,7 @@ def ffn_output(model: nn.Module, i: int) -> nn.Module:
 def _dense(model: nn.Module, i: int) -> Arch:
     """The layout, or a ValueError when layer ``i``'s FFN is a mixture of experts (no single up/gate/down)."""
     a = arch_of(model)
-    if a.experts:
+    if a.experts and hasattr(mlp(model, i), a.experts):
         raise ValueError(f"layer {i}'s FFN is a mixture of experts: it has no single up/gate/down projection; "
                          "reach one expert's rows through common.core.experts")
     return a

@@ -24,11 +24,17 @@ from common.core.hooks import hooked
 class ExpertStats:
     """``expert[n, l, j]`` is the j-th expert (ascending) that sequence n's position-0 token went through at layer
     l, -1 where padded (a dense layer has none); ``pos0[n, l, j]`` is that expert's ``[I]`` position-0
-    intermediate state in float32 (zeros where padded). ``n_experts[l]`` counts layer l's experts, the shared one
-    included (index ``experts.num_experts``), 0 for a dense layer."""
+    intermediate state in float32, zero-padded to the widest expert. ``widths[l][e]`` is expert e's intermediate width
+    at layer l (the shared expert, Qwen2-MoE's, is index ``experts.num_experts`` and often wider: a narrower
+    expert's statistics must be read over its own ``[:width]`` only); ``widths[l]`` is empty for a dense layer."""
     expert: torch.Tensor  # [N, L, K] long
     pos0: torch.Tensor  # [N, L, K, I] float32
-    n_experts: list[int]
+    widths: list[list[int]]
+
+    @property
+    def n_experts(self) -> list[int]:
+        """How many experts each layer has (the shared one included; 0 for a dense layer)."""
+        return [len(w) for w in self.widths]
 
 
 class _ExpertRecorder:
@@ -61,7 +67,7 @@ class _ExpertRecorder:
                 per_seq[s][routed] = v.to(torch.float32, copy=True)
         self.rows[i].extend(per_seq)
 
-    def result(self, n_seqs: int, n_experts: list[int]) -> ExpertStats:
+    def result(self, n_seqs: int, widths: list[list[int]]) -> ExpertStats:
         n_layers = len(self.rows)
         k = max((len(d) for per_layer in self.rows for d in per_layer), default=0)
         width = max((len(v) for per_layer in self.rows for d in per_layer for v in d.values()), default=0)
@@ -72,7 +78,7 @@ class _ExpertRecorder:
                 for j, e in enumerate(sorted(found)):
                     expert[n, layer, j] = e
                     pos0[n, layer, j, :len(found[e])] = found[e].cpu()  # under device_map the layers differ
-        return ExpertStats(expert, pos0, n_experts)
+        return ExpertStats(expert, pos0, widths)
 
 
 @torch.no_grad()
@@ -86,8 +92,9 @@ def capture_experts(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
                          "capture its dense intermediate state with capture.capture(points=('inter',))")
     for i in moe:
         experts.storage(model, i)  # refuse storage it cannot read before running anything
-    n_experts = [experts.num_experts(model, i) + experts.has_shared_expert(model, i) if i in moe else 0
-                 for i in range(n)]
+    widths = [[experts.expert_intermediate_size(model, i, e)
+               for e in range(experts.num_experts(model, i) + experts.has_shared_expert(model, i))] if i in moe else []
+              for i in range(n)]
     body, dev = arch.backbone(model), next(model.parameters()).device
     rec = _ExpertRecorder(model, n)
     seen = 0
@@ -103,4 +110,4 @@ def capture_experts(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
                                    "make it)")
     if not seen:
         raise ValueError("no batches: pass at least one [B, T] batch of token ids")
-    return rec.result(seen, n_experts)
+    return rec.result(seen, widths)

@@ -34,6 +34,10 @@ _FUSED_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_gate": Tru
                 "has_post_expert_norm": False}
 
 
+#: Names of the shared expert module in the MoE blocks of transformers 5.
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+
+
 def is_moe_layer(model: nn.Module, i: int) -> bool:
     """Whether layer ``i``'s FFN holds an experts module (False for a dense model, or a dense layer of a MoE one)."""
     name = arch.arch_of(model).experts
@@ -112,9 +116,10 @@ def num_experts(model: nn.Module, i: int) -> int:
 
 
 def shared_expert(model: nn.Module, i: int) -> nn.Module | None:
-    """Layer ``i``'s shared expert (Qwen2-MoE's ``shared_expert``, a dense gated MLP), or None."""
-    shared = getattr(arch.mlp(model, i), "shared_expert", None)
-    return shared if isinstance(shared, nn.Module) else None
+    """Layer ``i``'s shared expert, the dense gated MLP every token goes through (Qwen2-MoE's ``shared_expert``,
+    DeepSeek's and GLM-4-MoE's ``shared_experts``, GraniteMoeShared's ``shared_mlp``), or None."""
+    ffn = arch.mlp(model, i)
+    return next((m for name in SHARED_NAMES if isinstance(m := getattr(ffn, name, None), nn.Module)), None)
 
 
 def has_shared_expert(model: nn.Module, i: int) -> bool:

@@ -13,7 +13,8 @@ what a run measured, and the memory and disk planner.
   first-order estimates (stated per term), checked against ``torch.cuda.max_memory_allocated`` by
   ``make gpu-check``.
 
-This module imports nothing from ``common``: it is the bottom layer, with the configs passed in.
+This module imports only ``common.core.arch`` (its layout table: which FFNs are gated) from ``common``: it is the
+bottom layer, with the configs passed in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from common.core import arch
 
 STATISTICS_DTYPE = torch.float32
 
@@ -150,11 +153,16 @@ class Shape:
         if None in (hidden, heads, layers):
             raise ValueError(f"config of model_type {getattr(config, 'model_type', '?')!r} has no hidden size, "
                              "head count or layer count the planner can read")
-        gpt2 = getattr(config, "model_type", "") in ("gpt2", "nanogpt")  # GPT-2's 4d FFN, tied embeddings
-        return cls(layers=layers, hidden=hidden, inter=get("intermediate_size", "n_inner", default=4 * hidden),
-                   heads=heads, kv_heads=get("num_key_value_heads", default=heads),
-                   head_dim=get("head_dim", default=hidden // heads), vocab=config.vocab_size, gated=not gpt2,
-                   tied=bool(getattr(config, "tie_word_embeddings", gpt2)))
+        model_type = getattr(config, "model_type", "")
+        gpt2 = model_type in ("gpt2", "nanogpt")  # GPT-2's 4d FFN, tied embeddings
+        family = arch.FAMILIES.get(model_type)  # ungated FFNs (GPT-NeoX, OPT, Falcon, ...) have two matrices, not three
+        gated = bool(family.gate or family.gate_up or family.experts) if family else True
+        kv_heads = 1 if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False) \
+            else get("num_key_value_heads", "num_kv_heads", default=heads)  # Falcon-7B: multi-query attention
+        return cls(layers=layers, hidden=hidden,
+                   inter=get("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner", default=4 * hidden),
+                   heads=heads, kv_heads=kv_heads, head_dim=get("head_dim", default=hidden // heads),
+                   vocab=config.vocab_size, gated=gated, tied=bool(getattr(config, "tie_word_embeddings", gpt2)))
 
     @property
     def projections(self) -> list[tuple[int, int]]:

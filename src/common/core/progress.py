@@ -3,8 +3,8 @@ the ablation sweeps. A loop calls ``report(task, done, total)`` after each unit 
 progress.
 
 Where the line goes: under the notebook runner (``common.reporting.run`` sets ``REPRO_PROGRESS_FILE``) it
-replaces the content of that file, which the runner's heartbeat shows next to the cell it is in, so executed
-notebooks stay free of progress noise; elsewhere (an interactive notebook, a CLI) it goes to stderr. Lines are
+replaces the content of that file, which the runner shows (off a terminal in its heartbeat, next to the cell it is
+in; on one above papermill's bar), so executed notebooks stay free of progress noise; elsewhere (an interactive notebook, a CLI) it goes to stderr. Lines are
 throttled to one per ``EVERY_S`` seconds per task (a task's first and last units always report).
 ``REPRO_QUIET=1`` silences it (CI).
 """

@@ -222,9 +222,13 @@ def weights_sha256(path: Path) -> str:
 def is_causal_lm(config: PretrainedConfig) -> bool:
     """Whether ``config`` is a decoder-only language model: transformers has an AutoModelForCausalLM class for its
     type, it is no encoder-decoder, and no encoder (BERT, RoBERTa, ... have a masked-LM head and a causal head only
-    when their config says ``is_decoder``)."""
+    when their config says ``is_decoder``), and the saved class, where the config names one, is a causal LM (a
+    ``LlamaForSequenceClassification`` has no LM head: loaded as a causal LM its head would be random)."""
     kind = config.model_type
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        return False
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+    if any(name not in causal for name in getattr(config, "architectures", None) or []):
         return False
     return kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
 

@@ -54,20 +54,20 @@ def find_massive_expert(stats: ExpertStats, k: int = 5, min_abs: float = MIN_ABS
     """Detect the massive layer, expert and its top-k channels (HoC §2.2 and Alg. 1 l.1–4, per expert) from
     ``capture_experts`` statistics of the detection prompts."""
     profile, counts = expert_profile(stats)
-    n_layers, n_experts, width = profile.shape
-    flat = profile.reshape(1, n_layers * n_experts, width)  # every (layer, expert) as one "layer", layer-major
-    first = detect_massive_layer(flat, min_abs, min_ratio)
     n_prompts = stats.expert.shape[0]
-    if first is None:
-        return ExpertReport(None, None, [], [], [], 0, n_prompts)
-    layer = first // n_experts
-    top = layer_profile(profile[None, layer])[0]
-    hits = [e for e in range(n_experts) if detect_massive_layer(profile[None, layer, e:e + 1], min_abs, min_ratio)
-            is not None]
-    hits.sort(key=lambda e: -float(top[e]))
-    expert = hits[0]
-    channels, values = top_channels(flat, layer * n_experts + expert, k)
-    return ExpertReport(layer, expert, channels, values, hits, int(counts[layer, expert]), n_prompts)
+
+    def own(layer: int, e: int) -> torch.Tensor:
+        """[1, 1, I_e]: the expert's profile over its own width (the zero padding would make any median 0)."""
+        return profile[layer, e, :stats.widths[layer][e]][None, None]
+
+    for layer, widths in enumerate(stats.widths):
+        hits = [e for e in range(len(widths)) if counts[layer, e] > 0
+                and detect_massive_layer(own(layer, e), min_abs, min_ratio) is not None]
+        if hits:
+            hits.sort(key=lambda e: -float(layer_profile(own(layer, e))[0][0]))
+            channels, values = top_channels(own(layer, hits[0]), 0, k)
+            return ExpertReport(layer, hits[0], channels, values, hits, int(counts[layer, hits[0]]), n_prompts)
+    return ExpertReport(None, None, [], [], [], 0, n_prompts)
 
 
 def massive_expert_weights(model: torch.nn.Module, prompt_ids: list[torch.Tensor],

@@ -128,30 +128,39 @@ def where(out: Path, elapsed: float) -> str | None:
 
 
 class Heartbeat(threading.Thread):
-    """Prints ``where(out, ...)`` every ``every`` seconds until stopped (a daemon: never outlives the run)."""
+    """Prints ``where(out, ...)`` every ``every`` seconds until stopped (a daemon: never outlives the run). On a
+    terminal (``tty``), where papermill's bar already names the cell, only a new library progress line is printed,
+    above the bar (``tqdm.write``)."""
 
-    def __init__(self, out: Path, label: str, every: float = HEARTBEAT_S) -> None:
+    def __init__(self, out: Path, label: str, every: float = HEARTBEAT_S, tty: bool = False) -> None:
         super().__init__(daemon=True)
-        self.out, self.label, self.every = out, label, every
+        self.out, self.label, self.every, self.tty = out, label, every, tty
         self.start_time, self.done = time.perf_counter(), threading.Event()
 
     def run(self) -> None:
+        said = ""
         while not self.done.wait(self.every):
             line = where(self.out, time.perf_counter() - self.start_time)
-            if line:
+            if line and not self.tty:
                 print(f"  {self.label}: {line}", flush=True)
+            elif line and " | " in line and (loop := line.split(" | ", 1)[1]) != said:
+                from tqdm import tqdm
+
+                tqdm.write(f"  {self.label}: {loop}")
+                said = loop
 
 
 def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None,
                  heartbeat: float | None = HEARTBEAT_S) -> tuple[bool, float]:
     """Execute one notebook with papermill; returns (succeeded, seconds). On a terminal papermill's bar shows
-    the cells; otherwise a heartbeat every ``heartbeat`` seconds (None: quiet)."""
+    the cells and the library's progress lines appear above it; otherwise a heartbeat every ``heartbeat`` seconds
+    (None: quiet)."""
     import papermill as pm
 
     out = executed_copy(path, profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tty = sys.stdout.isatty()
-    beat = Heartbeat(out, path.stem[:2], heartbeat) if heartbeat and not tty else None
+    beat = Heartbeat(out, path.stem[:2], heartbeat if not tty else 2.0, tty) if heartbeat else None
     out.unlink(missing_ok=True)  # the heartbeat reads this run's copy only
     progress_file(out).unlink(missing_ok=True)
     os.environ[progress.FILE_VAR] = str(progress_file(out))  # the kernel inherits it: loops report there, not to stderr

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_families import ALL_FAMILIES, INFERRED, VOCAB, build_tiny
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from common.core import arch, capture, models
+from common.core import arch, capture, experts, models
 from common.core.layer_inputs import LayerInputs
 from common.hoc import detection, edits
 from common.inheritune.attention import capture_attention
@@ -56,7 +57,7 @@ def test_inferred_layout_equals_the_table(family: str) -> None:
 def test_unlisted_type_is_inferred_and_said_once(family: str, capsys) -> None:
     """A model_type missing from the table works through its inferred layout; one stderr line names it."""
     assert family not in arch.FAMILIES
-    arch._INFERRED.clear()
+    arch._SAID.clear()
     model = build_tiny(family)
     assert arch.arch_of(model).layout == "gated FFN"
     assert arch.arch_of(model) == arch.FAMILIES["llama"]  # these families use Llama's module names
@@ -136,3 +137,32 @@ def test_sfsd_decomposes_every_projection(family: str) -> None:
     for d in decomps.values():
         values = d.weight_energy
         assert torch.isfinite(values).all() and bool((values[:-1] >= values[1:] - 1e-6).all())
+
+
+_MOE_KW = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts_per_tok=2)
+
+
+def test_a_dense_layer_of_a_moe_model_is_reached_as_dense() -> None:
+    """Qwen3-MoE's ``mlp_only_layers``: layer 0 is a gated MLP, reached by the dense accessors; layer 1 is a
+    mixture of experts, which they refuse (pointing at ``common.core.experts``)."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", num_experts=4, mlp_only_layers=[0],
+                                                                  **_MOE_KW))
+    assert [b.name for b in arch.ffn_input_blocks(model, 0)] == ["up", "gate"]
+    assert arch.down_matrix(model, 0).shape == (32, 48)
+    with pytest.raises(ValueError, match="layer 1's FFN is a mixture of experts.*common.core.experts"):
+        arch.ffn_input_blocks(model, 1)
+
+
+def test_inferred_moe_with_dense_first_layers_is_per_instance() -> None:
+    """DeepSeek-V3 (not in the table) with its first layer dense infers a mixture-of-experts layout whose dense layer
+    the gated names reach, its plural ``shared_experts`` found; an all-MoE instance of the same class, inferred in
+    the same process, gets its own answer (the layout is cached per model, not per class)."""
+    def build(first_dense: int):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "deepseek_v3", n_routed_experts=4, first_k_dense_replace=first_dense, n_group=1, topk_group=1, **_MOE_KW))
+    all_moe, mixed = build(0), build(1)
+    assert arch.arch_of(all_moe).experts == arch.arch_of(mixed).experts == "experts"
+    assert [experts.is_moe_layer(mixed, i) for i in range(2)] == [False, True]
+    assert [experts.is_moe_layer(all_moe, i) for i in range(2)] == [True, True]
+    assert arch.intermediate_size(mixed, 0) == 48 and experts.has_shared_expert(mixed, 1)

@@ -192,3 +192,18 @@ def test_shape_of_the_inheritune_gpt() -> None:
     shape = gpu.Shape.from_config(GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304))
     assert shape == gpu.Shape(24, 1024, 4096, 16, 16, 64, 50304, gated=False, tied=True)
     assert shape.largest == 4096 * 1024
+
+
+@pytest.mark.parametrize("family, extra", [("llama", {}), ("gpt2", {}), ("gpt_neox", {}), ("opt", {}), ("phi", {}),
+                                           ("falcon", {"multi_query": True}), ("bloom", {}), ("gptj", {})])
+def test_planned_parameters_match_the_model_in_every_layout(family: str, extra: dict) -> None:
+    """The planner's parameter count is within 2% of a real model's (built on the meta device at the family's default
+    size): two FFN matrices for ungated families (GPT-NeoX, OPT, Falcon, ...) and three for gated ones, OPT's
+    ``ffn_dim``, Falcon's multi-query attention. A too-large refusal of your own model rests on it."""
+    from transformers import AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=50_000, **extra)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    real = sum(p.numel() for p in model.parameters())
+    assert gpu.Shape.from_config(config).params == pytest.approx(real, rel=0.02)

@@ -158,6 +158,10 @@ def test_non_causal_config_is_refused(tmp_path: Path) -> None:
 def test_is_causal_lm() -> None:
     assert user_model.is_causal_lm(LlamaConfig()) and user_model.is_causal_lm(BertConfig(is_decoder=True))
     assert not user_model.is_causal_lm(BertConfig()) and not user_model.is_causal_lm(BartConfig())
+    # the saved class decides: a Llama saved as a classifier has no LM head (loaded as a causal LM it would be random)
+    assert user_model.is_causal_lm(LlamaConfig(architectures=["LlamaForCausalLM"]))
+    assert user_model.is_causal_lm(LlamaConfig(architectures=["GPT2LMHeadModel"]))
+    assert not user_model.is_causal_lm(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
 
 
 def test_too_large_for_the_machine_states_both_sizes(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,7 +92,7 @@ def _stats(routed: list[list[list[int]]], values: dict[tuple[int, int, int], dic
         j = routed[n][layer].index(e)
         for c, v in chans.items():
             pos0[n, layer, j, c] = v
-    return ExpertStats(expert, pos0, [n_experts] * n_layers)
+    return ExpertStats(expert, pos0, [[width] * n_experts for _ in range(n_layers)])
 
 
 def test_expert_profile_means_over_routed_prompts_only() -> None:
@@ -115,6 +115,18 @@ def test_first_layer_wins_then_the_largest_expert() -> None:
     assert (report.layer, report.expert, report.channels, report.experts_at_layer) == (0, 0, [4, 1], [0, 1])
     assert report.n_routed == 2 and report.channel_values[0] == pytest.approx(800.0)
     assert not moe.find_massive_expert(_stats([[[0, 1]]], {(0, 0, 1): {2: 50.0}})).found
+
+
+def test_a_narrow_expert_is_judged_over_its_own_width() -> None:
+    """Qwen2-MoE's shared expert is wider than the routed ones, so a routed expert's row is zero-padded: a value of 200
+    over a background of 1 (ratio 200 on the expert's own 8 channels) is not massive, although over the padded 32
+    channels the median would be 0 and any ratio pass."""
+    stats = _stats([[[0, 1]]], {(0, 0, 0): {2: 200.0, **{c: 1.0 for c in range(8) if c != 2}}}, n_experts=2, width=32)
+    stats.widths = [[8, 32]]
+    stats.pos0[0, 0, 0, 8:] = 0.0  # the padding
+    assert not moe.find_massive_expert(stats).found
+    stats.widths = [[32, 32]]  # read as if the expert were 32 wide: the padding's zeros make it "massive"
+    assert moe.find_massive_expert(stats).found
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import nbformat
 import pytest
@@ -115,6 +116,27 @@ def test_heartbeat_adds_the_running_cells_library_progress(tmp_path, monkeypatch
     nb.cells[0].metadata["papermill"]["start_time"] = "2999-01-01T00:00:00Z"
     nbformat.write(nb, path)
     assert run.where(path, 1.0) == "cell 1 of 1, 0:01 elapsed: decompose()"
+
+
+def test_on_a_terminal_only_new_loop_lines_are_written_above_the_bar(tmp_path, monkeypatch, capsys):
+    """With papermill's bar on a terminal the heartbeat prints no cell lines, only each new library progress line,
+    once, through ``tqdm.write`` (which keeps the bar intact)."""
+    import tqdm
+
+    monkeypatch.delenv(progress.QUIET_VAR, raising=False)
+    path = tmp_path / "out.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "search()", metadata={"papermill": {"status": "running", "start_time": "2026-01-01T00:00:00Z"}})]), path)
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", staticmethod(lambda line, *a, **k: written.append(line)))
+    monkeypatch.setenv(progress.FILE_VAR, str(run.progress_file(path)))
+    beat = run.Heartbeat(path, "05", every=0.05, tty=True)
+    beat.start()
+    progress.report("SFSD feature search (modules)", 1, 9)
+    time.sleep(0.4)
+    beat.done.set()
+    beat.join()
+    assert written == ["  05: SFSD feature search (modules): 1/9"] and capsys.readouterr().out == ""
 
 
 def test_heartbeats_carry_the_kernels_loop_progress(notebook_dir, capsys, monkeypatch):
