@@ -11,18 +11,13 @@ from importlib.metadata import version
 import pytest
 
 from common import REPO_ROOT
+from common.core import manifest
 
 LOCKS = REPO_ROOT / "requirements"
 RECORDED = ("torch", "transformers", "peft", "lm-eval")  # what every manifest's run block records
 
 
-def pins(path) -> dict[str, str]:
-    """``{normalised name: version}`` of a lock's ``name==version`` lines."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if m := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line):
-            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
-    return out
+pins = manifest.lock_pins
 
 
 def test_pins_parse_names_and_versions(tmp_path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -178,6 +179,33 @@ def summary(records: list[dict] | None = None):
 
 #: Run-block fields that measure the machine, not the result (skipped by ``differences``).
 VOLATILE_RUN = ("wall_s", "peak_rss_mb", "peak_gpu_mb")
+
+#: The lock the committed results are made with (issue 22; cpu.lock is it without torch's CUDA build), and the lock's
+#: name of each library a manifest's run block records.
+LOCK = REPO_ROOT / "requirements" / "gpu.lock"
+RECORDED = {"torch": "torch", "transformers": "transformers", "peft": "peft", "lm_eval": "lm-eval"}
+
+
+def lock_pins(path: Path = LOCK) -> dict[str, str]:
+    """``{normalised name: version}`` of a lock's ``name==version`` lines (pip-tools / uv format)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line):
+            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return out
+
+
+def lock_drift(run: dict, pins: dict[str, str]) -> list[str]:
+    """Each library version a manifest's ``run`` block records that is not the lock's, as ``"transformers 5.24.0
+    (lock 5.25.0)"`` (torch's local build tag, ``+cpu`` / ``+cu128``, is the machine's, not a version): a result made
+    in another environment than ``make setup`` installs."""
+    versions = run.get("versions") or {}
+    drift = []
+    for name, locked in RECORDED.items():
+        have = str(versions.get(name) or "").split("+")[0]
+        if have and pins.get(locked) and have != pins[locked]:
+            drift.append(f"{name} {have} (lock {pins[locked]})")
+    return drift
 
 
 def _value_diffs(a: Any, b: Any, rel: float, where: str) -> list[str]:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.core.manifest import load
+from common.core.manifest import load, lock_drift, lock_pins
 from common.reporting import site
 from common.reporting.claims import (
     DEFECTS,
@@ -179,9 +179,12 @@ def _provenance(root: Path) -> list[str]:
     lines = ["## Provenance", "",
              "The `run` block of every manifest: the commit the notebook ran at (`dirty`: uncommitted changes "
              "under `src/`), seed, device and library versions; models: the weights' sha256 (first 12 hex digits) "
-             "or pinned revision.", "",
-             "| profile | notebook | git sha | dirty | seed | device | dtype | torch | transformers | peft | lm_eval | models |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "or pinned revision; lock: the recorded versions against `requirements/gpu.lock`, what `make setup` "
+             "installs (= where they are its pins; torch's build tag aside).", "",
+             "| profile | notebook | git sha | dirty | seed | device | dtype | torch | transformers | peft | lm_eval | lock "
+             "| models |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    pins = lock_pins()
     for profile in PROFILES:
         for path in sorted((Path(root) / profile).glob("*/manifest.json")):
             run = load(path).get("run") or {}
@@ -191,7 +194,8 @@ def _provenance(root: Path) -> list[str]:
             lines.append(f"| `{profile}` | {path.parent.name} | `{sha[:12]}` | {_fmt(run.get('dirty'))} | "
                          f"{_fmt(run.get('seed'))} | {_fmt(run.get('device'))} | {_fmt(run.get('dtype'))} | "
                          f"{_fmt(ver.get('torch'))} | {_fmt(ver.get('transformers'))} | {_fmt(ver.get('peft'))} | "
-                         f"{_fmt(ver.get('lm_eval'))} | {_cell(models)} |")
+                         f"{_fmt(ver.get('lm_eval'))} | {_cell('; '.join(lock_drift(run, pins)) or '=')} | "
+                         f"{_cell(models)} |")
     return lines
 
 

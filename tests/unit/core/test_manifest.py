@@ -186,3 +186,16 @@ def test_unserialisable_record_does_not_poison_the_manifest(tmp_path: Path) -> N
     manifest.record("m/good", 1)
     keys = [r["key"] for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["records"]]
     assert keys == ["m/good"]
+
+
+def test_lock_drift_names_each_version_the_lock_does_not_pin(tmp_path) -> None:
+    """A recorded version other than the lock's is named with the lock's; torch's build tag is not a version; a
+    library the run did not record, or the lock does not pin, is no drift."""
+    lock = tmp_path / "gpu.lock"
+    lock.write_text("torch==2.13.0   # via x\nTransformers==5.25.0\nlm_eval==0.4.13\n")
+    pins = manifest.lock_pins(lock)
+    same = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.25.0", "peft": "0.21.2", "lm_eval": "0.4.13"}}
+    assert manifest.lock_drift(same, pins) == []
+    old = {"versions": {"torch": "2.12.1+cu128", "transformers": "5.24.0", "lm_eval": None}}
+    assert manifest.lock_drift(old, pins) == ["torch 2.12.1 (lock 2.13.0)", "transformers 5.24.0 (lock 5.25.0)"]
+    assert manifest.lock_drift({}, pins) == []
