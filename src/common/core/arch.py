@@ -140,13 +140,18 @@ def _probe_offset(norm: nn.Module) -> float:
     return float(round(float((gain - w.float()).median())))
 
 
+def _body(model: nn.Module) -> tuple[str, nn.Module | None]:
+    """A transformers model's ``base_model_prefix`` and the backbone under it (None without one)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix, getattr(model, prefix, None) if prefix else None
+
+
 def infer_arch(model: nn.Module) -> Arch | None:
     """The layout of a transformers causal LM read off its modules (no table entry needed), or None when
     none matches: the backbone is ``base_model``, the layers the ModuleList of ``num_hidden_layers`` modules
     in it, attention and FFN the layer children of the usual names, the FFN projections one of the known
     gated / fused / ungated name sets, or an ``experts`` child (mixture of experts)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    body = getattr(model, prefix, None) if prefix else None
+    prefix, body = _body(model)
     cfg = getattr(model, "config", None)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
@@ -188,8 +193,7 @@ def infer_arch(model: nn.Module) -> Arch | None:
 
 def _describe(model: nn.Module) -> str:
     """What a model's modules look like, for the error when no layout matches."""
-    prefix = getattr(model, "base_model_prefix", "")
-    body = getattr(model, prefix, None) if prefix else None
+    prefix, body = _body(model)
     if not isinstance(body, nn.Module):
         return f"no transformers backbone ({type(model).__name__} has no base_model_prefix)"
     lists = [f"{n} ({len(m)})" for n, m in body.named_modules() if isinstance(m, nn.ModuleList)][:4]
@@ -320,13 +324,18 @@ def ffn_output(model: nn.Module, i: int) -> nn.Module:
     return mlp(model, i) if arch_of(model).experts else down_proj(model, i)
 
 
+def is_moe_layer(model: nn.Module, i: int) -> bool:
+    """Whether layer ``i``'s FFN holds an experts module (False for a dense model, or a dense layer of a MoE one)."""
+    name = arch_of(model).experts
+    return bool(name) and hasattr(mlp(model, i), name)
+
+
 def _dense(model: nn.Module, i: int) -> Arch:
     """The layout, or a ValueError when layer ``i``'s FFN is a mixture of experts (no single up/gate/down)."""
-    a = arch_of(model)
-    if a.experts and hasattr(mlp(model, i), a.experts):
+    if is_moe_layer(model, i):
         raise ValueError(f"layer {i}'s FFN is a mixture of experts: it has no single up/gate/down projection; "
                          "reach one expert's rows through common.core.experts")
-    return a
+    return arch_of(model)
 
 
 def down_proj(model: nn.Module, i: int) -> nn.Module:

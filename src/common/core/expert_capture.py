@@ -70,7 +70,7 @@ class _ExpertRecorder:
     def result(self, n_seqs: int, widths: list[list[int]]) -> ExpertStats:
         n_layers = len(self.rows)
         k = max((len(d) for per_layer in self.rows for d in per_layer), default=0)
-        width = max((len(v) for per_layer in self.rows for d in per_layer for v in d.values()), default=0)
+        width = max((w for per_layer in widths for w in per_layer), default=0)
         expert = torch.full((n_seqs, n_layers, k), -1, dtype=torch.long)
         pos0 = torch.zeros(n_seqs, n_layers, k, width)
         for layer, per_seq in enumerate(self.rows):
@@ -86,7 +86,7 @@ def capture_experts(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
     """Run the backbone (no LM head) on each unpadded ``[B, T]`` batch of token ids and return the position-0
     intermediate states of the experts each sequence's first token is routed to (``ExpertStats``)."""
     n = len(arch.layers(model))
-    moe = [i for i in range(n) if experts.is_moe_layer(model, i)]
+    moe = [i for i in range(n) if arch.is_moe_layer(model, i)]
     if not moe:
         raise ValueError(f"model_type {getattr(model.config, 'model_type', None)!r} has no mixture-of-experts layer: "
                          "capture its dense intermediate state with capture.capture(points=('inter',))")

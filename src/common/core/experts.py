@@ -38,12 +38,6 @@ _FUSED_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_gate": Tru
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 
 
-def is_moe_layer(model: nn.Module, i: int) -> bool:
-    """Whether layer ``i``'s FFN holds an experts module (False for a dense model, or a dense layer of a MoE one)."""
-    name = arch.arch_of(model).experts
-    return bool(name) and hasattr(arch.mlp(model, i), name)
-
-
 def _wrapped(model: nn.Module, i: int) -> nn.Module:
     """Layer ``i``'s experts module as it sits in the FFN (a peft wrapper, where there is one); a ValueError for a
     dense FFN."""
@@ -51,7 +45,7 @@ def _wrapped(model: nn.Module, i: int) -> nn.Module:
     if not a.experts:
         raise ValueError(f"model_type {getattr(model.config, 'model_type', None)!r} has a dense FFN, no experts: "
                          "use common.core.arch (ffn_input_blocks, down_matrix) and leave expert=None")
-    if not is_moe_layer(model, i):
+    if not arch.is_moe_layer(model, i):
         raise ValueError(f"layer {i}'s FFN ({type(arch.mlp(model, i)).__name__}) has no {a.experts!r} module: a "
                          "dense layer of a mixture-of-experts model; pick a layer with experts")
     return arch.mlp(model, i).get_submodule(a.experts)

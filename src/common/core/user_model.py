@@ -54,7 +54,6 @@ SINGLE_MODEL_FIELDS = ("sweep_model", "example_model", "search_model")
 PRETRAINED_ONLY = {"n_seeds": 0, "steps_schedule": ()}
 
 
-
 @dataclass(frozen=True)
 class UserModel:
     """A checked model: ``ref`` (an absolute directory, or the hub id), where it loads from, its BOS policy and

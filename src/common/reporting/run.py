@@ -98,19 +98,19 @@ def progress_file(out: Path) -> Path:
 
 def _loop_line(out: Path, cell: dict) -> str:
     """The library's latest progress line, if it was written while ``cell`` ran (else "": it is an earlier cell's)."""
-    line, path = progress.latest(progress_file(out)), progress_file(out)
+    path = progress_file(out)
+    line = progress.latest(path)
     started = cell.get("metadata", {}).get("papermill", {}).get("start_time")
     try:
         fresh = started and path.stat().st_mtime >= datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp()
     except (OSError, ValueError):
         return ""
-    return f" | {line}" if line and fresh else ""
+    return line if line and fresh else ""
 
 
-def where(out: Path, elapsed: float) -> str | None:
-    """A heartbeat from papermill's autosaved ``out``: the running (else the last finished) code cell as ``cell k
-    of N``, the elapsed time and the cell's first line, then the library's latest progress line from that cell
-    (``progress_file``); None before papermill has written it."""
+def _current_cell(out: Path) -> tuple[int, list[dict]] | None:
+    """(index of the running, else the last finished, code cell; the code cells) of papermill's autosaved ``out``;
+    None before papermill has written it."""
     try:
         cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
     except (OSError, ValueError, KeyError):
@@ -122,9 +122,20 @@ def where(out: Path, elapsed: float) -> str | None:
         if not done:
             return None
         k = done[-1]
+    return k, cells
+
+
+def where(out: Path, elapsed: float) -> str | None:
+    """A heartbeat from papermill's autosaved ``out``: the running (else the last finished) code cell as ``cell k
+    of N``, the elapsed time and the cell's first line, then the library's latest progress line from that cell
+    (``progress_file``); None before papermill has written it."""
+    if (found := _current_cell(out)) is None:
+        return None
+    k, cells = found
     first = next((line for line in "".join(cells[k]["source"]).splitlines() if line.strip()), "")
+    loop = _loop_line(out, cells[k])
     return (f"cell {k + 1} of {len(cells)}, {int(elapsed // 60)}:{int(elapsed % 60):02d} elapsed: {first[:80]}"
-            + _loop_line(out, cells[k]))
+            + (f" | {loop}" if loop else ""))
 
 
 class Heartbeat(threading.Thread):
@@ -140,14 +151,19 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         said = ""
         while not self.done.wait(self.every):
-            line = where(self.out, time.perf_counter() - self.start_time)
-            if line and not self.tty:
-                print(f"  {self.label}: {line}", flush=True)
-            elif line and " | " in line and (loop := line.split(" | ", 1)[1]) != said:
+            if not self.tty:
+                if line := where(self.out, time.perf_counter() - self.start_time):
+                    print(f"  {self.label}: {line}", flush=True)
+            elif (loop := self._loop()) and loop != said:
                 from tqdm import tqdm
 
                 tqdm.write(f"  {self.label}: {loop}")
                 said = loop
+
+    def _loop(self) -> str:
+        """The running cell's latest library progress line ("" when there is none)."""
+        found = _current_cell(self.out)
+        return _loop_line(self.out, found[1][found[0]]) if found else ""
 
 
 def run_notebook(path: Path, profile: str, seed: int, params: dict | None = None,

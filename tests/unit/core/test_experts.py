@@ -55,7 +55,7 @@ def test_fused_storage_counts_and_views(family: str) -> None:
     """Fused experts: 4 experts, gate rows first in gate_up_proj[e], up rows after them, down [d, I], all views."""
     model = build_moe(family, planted=False)
     fused = arch.mlp(model, 1).experts
-    assert experts.is_moe_layer(model, 1) and experts.storage(model, 1) == "fused"
+    assert arch.is_moe_layer(model, 1) and experts.storage(model, 1) == "fused"
     assert experts.num_experts(model, 1) == N_EXPERTS
     assert experts.has_shared_expert(model, 1) == (family == "qwen2_moe")
     gate, up = experts.expert_input_blocks(model, 1, 3)
@@ -121,7 +121,7 @@ def test_shared_expert_is_the_last_index() -> None:
 def test_dense_model_and_dense_dispatch() -> None:
     """A dense model has no experts (a ValueError naming arch's accessors); expert=None dispatches to arch."""
     model = build_tiny("llama")
-    assert not experts.is_moe_layer(model, 0)
+    assert not arch.is_moe_layer(model, 0)
     with pytest.raises(ValueError, match="dense FFN"):
         experts.experts_module(model, 0)
     assert experts.row_blocks(model, 1) == arch.ffn_input_blocks(model, 1)
@@ -139,7 +139,7 @@ def test_dense_layer_of_a_moe_model() -> None:
     config.mlp_only_layers = [0]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    assert not experts.is_moe_layer(model, 0) and experts.is_moe_layer(model, 1)
+    assert not arch.is_moe_layer(model, 0) and arch.is_moe_layer(model, 1)
     with pytest.raises(ValueError, match="dense layer"):
         experts.experts_module(model, 0)
     stats = capture_experts(model, PROMPTS[:2])
@@ -154,7 +154,7 @@ def test_gpt_oss_storage_is_refused() -> None:
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=N_EXPERTS,
                           num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    assert experts.is_moe_layer(model, 0)
+    assert arch.is_moe_layer(model, 0)
     for call in (lambda: experts.storage(model, 0), lambda: experts.expert_input_blocks(model, 0, 0),
                  lambda: experts.expert_down_matrix(model, 0, 0), lambda: capture_experts(model, PROMPTS)):
         with pytest.raises(NotImplementedError, match=r"GptOssExperts.*\(4, 32, 96\).*add its layout"):

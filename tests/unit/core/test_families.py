@@ -163,6 +163,6 @@ def test_inferred_moe_with_dense_first_layers_is_per_instance() -> None:
             "deepseek_v3", n_routed_experts=4, first_k_dense_replace=first_dense, n_group=1, topk_group=1, **_MOE_KW))
     all_moe, mixed = build(0), build(1)
     assert arch.arch_of(all_moe).experts == arch.arch_of(mixed).experts == "experts"
-    assert [experts.is_moe_layer(mixed, i) for i in range(2)] == [False, True]
-    assert [experts.is_moe_layer(all_moe, i) for i in range(2)] == [True, True]
+    assert [arch.is_moe_layer(mixed, i) for i in range(2)] == [False, True]
+    assert [arch.is_moe_layer(all_moe, i) for i in range(2)] == [True, True]
     assert arch.intermediate_size(mixed, 0) == 48 and experts.has_shared_expert(mixed, 1)
